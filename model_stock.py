@@ -1,0 +1,227 @@
+"""Model Stock: merge N fine-tuned models with their pre-trained base, layer by layer.
+
+For every tensor (a "layer") of the state dicts, with task vectors d_i = w_i - w0:
+    w_h = w0 + t * mean_i(d_i),   t = N cos / (1 + (N - 1) cos)        (paper Eq. 2, 3)
+where cos is the mean cosine between the task vectors. derivation.md derives it.
+
+    import model_stock
+    w_h, ts = model_stock.merge(w0, [w1, w2])            # state dicts in, state dict out
+    ts = model_stock.merge_models_([model_a, model_b], w0)  # periodic merging, in place
+    python model_stock.py pretrained.pt ft1.pt ft2.pt -o merged.safetensors
+"""
+import torch
+
+
+def _task_vectors(w0, ws, workspace=None):
+    """Stacks the flattened d_i = w_i - w0 as rows of an (N, numel) matrix in fp32 or wider.
+
+    `workspace` (a dict) keeps one buffer per device and dtype across calls: a fresh
+    allocation of N copies of a large tensor per key costs more than the math on CPU.
+    """
+    acc = torch.promote_types(torch.promote_types(w0.dtype, ws[0].dtype), torch.float32)
+    v0 = w0.reshape(-1).to(ws[0].device, acc)  # bf16/fp16 -> fp32; fp64 stays fp64
+    workspace = {} if workspace is None else workspace
+    buf = workspace.get((v0.device, acc))
+    if buf is None or buf.numel() < len(ws) * v0.numel():
+        buf = workspace[(v0.device, acc)] = torch.empty(len(ws) * v0.numel(), dtype=acc, device=v0.device)
+    d = buf[: len(ws) * v0.numel()].view(len(ws), -1)
+    for i, w in enumerate(ws):
+        # The subtraction itself runs in `acc`: bf16 - bf16 rounded in bf16 loses d.
+        torch.sub(w.reshape(-1).to(v0.device, acc), v0, out=d[i])
+    return v0, d
+
+
+def _mean_cos(gram):
+    """Mean over pairs i < j of d_i.d_j / (|d_i| |d_j|), from the Gram matrix of the d_i."""
+    norms = gram.diagonal().sqrt()
+    denom = torch.outer(norms, norms)
+    # A zero task vector (an untrained tensor) makes its pairs 0/0: count them as cos 0.
+    # `denom == 0`, not `denom > 0`, so that NaN from a non-finite input stays NaN.
+    cos = torch.where(denom == 0, torch.zeros_like(gram), gram / denom)
+    i, j = torch.triu_indices(len(gram), len(gram), offset=1, device=gram.device)
+    return cos[i, j].mean()
+
+
+def cosine(w0, ws):
+    """Mean pairwise cosine between the task vectors of one tensor, in [-1, 1]."""
+    _, d = _task_vectors(w0, ws)
+    return _mean_cos(d @ d.T).item()
+
+
+def ratio(cos, n):
+    """Model Stock's interpolation ratio t for n fine-tuned models; float or tensor in and out.
+
+    cos is clamped to [0, 1] first: for cos <= 0 the thin-shell geometry puts the center at
+    w0 (t = 0), and the unclamped formula has a pole at cos = -1/(n-1).
+    """
+    cos = cos.clamp(0, 1) if torch.is_tensor(cos) else min(max(cos, 0.0), 1.0)
+    return n * cos / (1 + (n - 1) * cos)  # Eq. (3); Eq. (2) for n = 2
+
+
+def _merge_tensor(w0, ws, workspace=None):
+    """w_h = w0 + t * mean(d) for one floating tensor; returns (w_h, t as a 0-dim tensor)."""
+    v0, d = _task_vectors(w0, ws, workspace)
+    t = ratio(_mean_cos(d @ d.T), len(ws))
+    # One pass: v0 + d^T (t/N, ..., t/N) = w0 + t * mean_i(d_i).
+    w_h = torch.addmv(v0, d.T, (t / len(ws)).expand(len(ws)))
+    return w_h.to(ws[0].dtype).view(ws[0].shape), t
+
+
+def _check(w0, ws):
+    """Fails before any work if the state dicts cannot be merged key by key."""
+    if len(ws) < 2:
+        raise ValueError(f"Model Stock needs at least 2 fine-tuned models, got {len(ws)}")
+    for i, w in enumerate(ws):
+        missing, extra = sorted(w0.keys() - w.keys()), sorted(w.keys() - w0.keys())
+        if missing:
+            raise ValueError(f"ws[{i}] lacks key {missing[0]!r} of the pre-trained state dict")
+        if extra:
+            raise ValueError(f"ws[{i}] has key {extra[0]!r}, absent from the pre-trained state dict")
+        for key, v0 in w0.items():
+            v = w[key]
+            if v.shape != v0.shape:
+                raise ValueError(f"key {key!r}: ws[{i}] has shape {tuple(v.shape)}, "
+                                 f"the pre-trained tensor {tuple(v0.shape)}")
+            if v.is_floating_point() != v0.is_floating_point() or v.is_complex() or v0.is_complex():
+                raise ValueError(f"key {key!r}: ws[{i}] is {v.dtype}, the pre-trained "
+                                 f"tensor {v0.dtype}; expected both floating or both integer/bool")
+
+
+def _raise_non_finite(key, w0, ws):
+    """Names the input that made t NaN: a non-finite value, or a dot product overflowing."""
+    for name, v in [("the pre-trained model", w0[key])] + [(f"ws[{i}]", w[key])
+                                                          for i, w in enumerate(ws)]:
+        if not torch.isfinite(v).all():
+            raise ValueError(f"key {key!r}: {name} holds NaN or inf; refusing to merge it")
+    raise ValueError(f"key {key!r}: task-vector dot products overflow float32")
+
+
+def merge(w0, ws):
+    """Layer-wise Model Stock of n >= 2 fine-tuned state dicts `ws` around the pre-trained `w0`.
+
+    Returns (w_h, ts): the merged state dict, each tensor in the dtype and on the device of
+    the first fine-tuned model's, and {key: t} for every floating tensor. Integer and bool
+    tensors (step counters, ids) are copied from ws[0]. Inputs are never modified.
+
+    Example:
+        >>> w0 = {"w": torch.tensor([1., 2., 3.])}
+        >>> ws = [{"w": torch.tensor([3., 2., 4.])}, {"w": torch.tensor([1., 4., 4.])}]
+        >>> w_h, ts = merge(w0, ws)   # cos = 0.2, t = 1/3 (derivation.md's worked example)
+        >>> w_h["w"]
+        tensor([1.3333, 2.3333, 3.3333])
+    """
+    _check(w0, ws)
+    w_h, ts, workspace = {}, {}, {}
+    for key, v0 in w0.items():  # key by key: peak extra memory is a few copies of one tensor
+        vs = [w[key] for w in ws]
+        if v0.is_floating_point():
+            w_h[key], ts[key] = _merge_tensor(v0, vs, workspace)
+        else:
+            w_h[key] = vs[0].clone()
+    # One device-to-host copy for all t (no sync per key on CUDA); NaN t means bad input.
+    t_values = torch.stack([t.to(torch.float64) for t in ts.values()]).tolist() if ts else []
+    for key, t in zip(list(ts), t_values):
+        if t != t:
+            _raise_non_finite(key, w0, ws)
+        ts[key] = t
+    return w_h, ts
+
+
+@torch.no_grad()
+def merge_models_(models, w0):
+    """Periodic merging: overwrites every model in `models` with Model Stock around `w0`.
+
+    `models` are nn.Modules of one architecture (all on one device), `w0` the pre-trained
+    state dict, ideally on that device too. Everything is computed before anything is
+    written, so bad input raises and leaves the models as they were. Returns {key: t}.
+    """
+    states = [m.state_dict() for m in models]  # tensors alias the models' own storage
+    w_h, ts = merge(w0, states)
+    for state in states:
+        for key, value in w_h.items():
+            state[key].copy_(value)
+    return ts
+
+
+# ---- Command line: merge checkpoint files after training (the paper's Table 7 variant) ----
+
+def load_state_dict(path):
+    """A state dict from .safetensors, or from .pt/.pth with weights_only=True (no pickles)."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:  # weights_only: a TorchScript archive or an arbitrary pickle is refused
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path}: cannot be loaded ({reason}); expected a .safetensors file or "
+                         f"a .pt/.pth state dict readable with weights_only=True") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (str -> Tensor), or a dict holding one "
+                         f"under 'state_dict'")
+    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def print_table(w0, ws, ts):
+    """Per tensor: mean cos, angle, t and |d_i|: the paper's Observation 1 and Appendix F."""
+    width = max([len(k) for k in ts] + [3])
+    print(f"{'key':<{width}} {'cos':>7} {'angle':>7} {'t':>6} " + " ".join(f"{f'|d{i}|':>9}" for i in range(len(ws))))
+    for key, t in ts.items():
+        _, d = _task_vectors(w0[key], [w[key] for w in ws])
+        cos = _mean_cos(d @ d.T).item()
+        angle = torch.tensor(cos).clamp(-1, 1).arccos().rad2deg().item()
+        norms = " ".join(f"{x:9.3g}" for x in d.norm(dim=1).tolist())
+        print(f"{key:<{width}} {cos:7.4f} {angle:7.2f} {t:6.3f} {norms}")
+    copied = [k for k in w0 if k not in ts]
+    if copied:
+        print(f"copied from ws[0] (integer/bool): {', '.join(copied)}")
+    # Appendix F: matrices (attention, MLP) lean on w0 more than biases, norms and the head.
+    for name, keep in [("matrices (ndim >= 2)", lambda k: w0[k].ndim >= 2),
+                       ("vectors (biases, norms)", lambda k: w0[k].ndim < 2)]:
+        sel = [t for k, t in ts.items() if keep(k)]
+        if sel:
+            print(f"mean t over {len(sel)} {name}: {sum(sel) / len(sel):.3f} (min {min(sel):.3f}, max {max(sel):.3f})")
+
+
+def main(argv=None):
+    import argparse
+    import os
+    import sys
+    parser = argparse.ArgumentParser(description="Merge fine-tuned checkpoints with Model Stock.")
+    parser.add_argument("pretrained", help="state dict of w0, the model every fine-tune started from")
+    parser.add_argument("finetuned", nargs="+", help="two or more fine-tuned state dicts (ws[0], ws[1], ...)")
+    parser.add_argument("-o", "--output", help="where to write the merged state dict (.safetensors or .pt)")
+    parser.add_argument("--inspect", action="store_true", help="print the per-layer table, write nothing")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    args = parser.parse_args(argv)
+    if not args.inspect and not args.output:
+        parser.error("give -o/--output, or --inspect to only print the table")
+    if args.output and not args.inspect and os.path.exists(args.output) and not args.force:
+        parser.error(f"{args.output} exists; pass --force to overwrite it")
+    try:
+        w0 = load_state_dict(args.pretrained)
+        ws = [load_state_dict(p) for p in args.finetuned]
+        for i, p in enumerate(args.finetuned):
+            print(f"ws[{i}]: {p}")
+        w_h, ts = merge(w0, ws)
+    except ValueError as e:
+        sys.exit(f"model_stock.py: error: {e}")
+    print_table(w0, ws, ts)
+    if not args.inspect:
+        w_h = {k: v.contiguous() for k, v in w_h.items()}
+        tmp = args.output + ".tmp"  # write, then rename: a crash never leaves half a file
+        if args.output.endswith(".safetensors"):
+            from safetensors.torch import save_file
+            save_file(w_h, tmp)
+        else:
+            torch.save(w_h, tmp)
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output} ({len(w_h)} tensors)")
+
+
+if __name__ == "__main__":
+    main()

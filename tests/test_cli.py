@@ -1,0 +1,119 @@
+"""The command line: python model_stock.py PRETRAINED FT1 FT2 [...] -o merged.safetensors."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model_stock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def checkpoints(tmp_path):
+    """w0 and two fine-tunes on disk: safetensors, a DDP-style .pt, a .pt nesting 'state_dict'."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = {"visual.proj": torch.randn(8, 4, generator=gen), "head.bias": torch.randn(4, generator=gen),
+          "steps": torch.tensor(3)}
+    ws = [{k: (v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + i + 1)
+           for k, v in w0.items()} for i in range(2)]
+    save_file(w0, tmp_path / "w0.safetensors")
+    torch.save({f"module.{k}": v for k, v in ws[0].items()}, tmp_path / "ft1.pt")
+    torch.save({"state_dict": ws[1], "epoch": 10}, tmp_path / "ft2.pth")
+    paths = [str(tmp_path / name) for name in ("w0.safetensors", "ft1.pt", "ft2.pth")]
+    return paths, w0, ws
+
+
+def test_cli_merges_files_like_the_library(checkpoints, tmp_path, capsys):
+    paths, w0, ws = checkpoints
+    out = tmp_path / "merged.safetensors"
+    model_stock.main(paths + ["-o", str(out)])
+    merged = load_file(out)
+    expected, ts = model_stock.merge(w0, ws)
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
+    text = capsys.readouterr().out
+    for key, t in ts.items():  # one table row per floating tensor, with its t
+        assert any(line.startswith(key) and f"{t:6.3f}" in line for line in text.splitlines())
+    assert "mean t over 1 matrices" in text and "mean t over 1 vectors" in text
+    assert f"wrote {out}" in text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_writes_pt_too(checkpoints, tmp_path):
+    paths, w0, ws = checkpoints
+    out = tmp_path / "merged.pt"
+    model_stock.main(paths + ["-o", str(out)])
+    merged = torch.load(out, weights_only=True)
+    expected, _ = model_stock.merge(w0, ws)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_inspect_prints_the_table_and_writes_nothing(checkpoints, tmp_path, capsys):
+    paths, _, _ = checkpoints
+    before = sorted(os.listdir(tmp_path))
+    model_stock.main(paths + ["--inspect"])
+    assert sorted(os.listdir(tmp_path)) == before
+    header, *rows = capsys.readouterr().out.splitlines()[2:]
+    assert header.split()[:4] == ["key", "cos", "angle", "t"] and "|d0|" in header and "|d1|" in header
+    assert sorted(row.split()[0] for row in rows[:2]) == ["head.bias", "visual.proj"]
+
+
+def test_existing_output_is_not_overwritten_without_force(checkpoints, tmp_path, capsys):
+    paths, w0, ws = checkpoints
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(SystemExit):
+        model_stock.main(paths + ["-o", str(out)])
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    model_stock.main(paths + ["-o", str(out), "--force"])
+    assert torch.equal(load_file(out)["head.bias"], model_stock.merge(w0, ws)[0]["head.bias"])
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda p: p.write_bytes(b"not a checkpoint"), "cannot be loaded"),
+    (lambda p: torch.save({"weights": [1, 2, 3]}, p), r"expected a state dict \(str -> Tensor\)"),
+    (lambda p: torch.save({"x": torch.ones(2)}, p), r"ws\[1\] lacks key"),
+])
+def test_bad_files_give_one_clear_error(checkpoints, tmp_path, capsys, make_bad, message):
+    paths, _, _ = checkpoints
+    bad = tmp_path / "bad.pt"
+    make_bad(bad)
+    with pytest.raises(SystemExit) as exit_info:
+        model_stock.main([paths[0], paths[1], str(bad), "-o", str(tmp_path / "out.safetensors")])
+    assert re.search(message, str(exit_info.value)), exit_info.value
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_missing_file_and_missing_output_flag(checkpoints, tmp_path, capsys):
+    paths, _, _ = checkpoints
+    with pytest.raises(SystemExit) as exit_info:
+        model_stock.main([paths[0], paths[1], str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt")])
+    assert "nope.pt: cannot be loaded" in str(exit_info.value)
+    with pytest.raises(SystemExit):
+        model_stock.main(paths)
+    assert "give -o/--output, or --inspect" in capsys.readouterr().err
+
+
+def test_pickled_objects_are_refused(checkpoints, tmp_path):
+    """weights_only=True: a checkpoint that needs arbitrary code to unpickle is not loaded."""
+    paths, _, _ = checkpoints
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "obj": torch.nn.Linear(2, 2)}, evil)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        model_stock.load_state_dict(evil)
+
+
+def test_runs_as_a_script(checkpoints, tmp_path):
+    paths, _, _ = checkpoints
+    out = tmp_path / "merged.safetensors"
+    result = subprocess.run([sys.executable, str(ROOT / "model_stock.py"), *paths, "-o", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and "mean t over" in result.stdout

@@ -166,6 +166,20 @@ def load_state_dict(path):
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def save_state_dict(state, path):
+    """Writes .safetensors (by suffix) or torch.save, via a temporary file and a rename, so a
+    crash never leaves half a file."""
+    import os
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tmp = f"{path}.tmp"
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, tmp)
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def print_table(w0, ws, ts):
     """Per tensor: mean cos, angle, t and |d_i|: the paper's Observation 1 and Appendix F."""
     width = max([len(k) for k in ts] + [3])
@@ -212,14 +226,7 @@ def main(argv=None):
         sys.exit(f"model_stock.py: error: {e}")
     print_table(w0, ws, ts)
     if not args.inspect:
-        w_h = {k: v.contiguous() for k, v in w_h.items()}
-        tmp = args.output + ".tmp"  # write, then rename: a crash never leaves half a file
-        if args.output.endswith(".safetensors"):
-            from safetensors.torch import save_file
-            save_file(w_h, tmp)
-        else:
-            torch.save(w_h, tmp)
-        os.replace(tmp, args.output)
+        save_state_dict(w_h, args.output)
         print(f"wrote {args.output} ({len(w_h)} tensors)")
 
 

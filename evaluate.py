@@ -1,0 +1,515 @@
+"""Evaluate a CLIP image classifier on ImageNet and five distribution shifts (Model Soups protocol).
+
+The classifier is an open_clip image encoder, L2-normalised features and a linear head:
+    logits = W f(x) / |f(x)|,   zero-shot W = exp(logit_scale) * class text embeddings, bias 0,
+scored top-1 on ImageNet, -V2, -Sketch, -R, ObjectNet and -A as the paper's Table 2 was.
+
+    python evaluate.py --data-location ~/data                                 # zero-shot ViT-B/32
+    python evaluate.py --checkpoint merged.safetensors ft.pt --data-location ~/data
+    python evaluate.py --checkpoint ft.safetensors --wise-ft 0,0.5,1 --data-location ~/data
+    python evaluate.py --data-dir my_images/val                               # your own classes
+    from evaluate import build_classifier, load_checkpoint, find_eval_sets, evaluate
+"""
+import argparse
+import hashlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import time
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
+from tqdm import tqdm
+
+import model_stock
+
+# ---------------------------------------------------------------------------- the classifier
+
+
+class ImageClassifier(torch.nn.Module):
+    """CLIP image tower -> L2-normalised features -> linear head.
+
+    State-dict keys are `model.visual.*` and `classification_head.*`, as in Model Soups'
+    ModelWrapper, so checkpoints move between this code, Model Soups and Model Stock.
+    """
+
+    def __init__(self, visual, head_weight, arch=""):
+        super().__init__()
+        self.model = torch.nn.ModuleDict({"visual": visual})
+        num_classes, dim = head_weight.shape
+        self.classification_head = torch.nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.classification_head.weight.copy_(head_weight)
+            self.classification_head.bias.zero_()
+        self.arch = arch  # for error messages only; not part of the state dict
+
+    def forward(self, images):
+        features = F.normalize(self.model.visual(images).float(), dim=-1)
+        # The head runs in fp32 even under bf16 autocast: bf16 rounds logits of about 30
+        # (cosine x logit scale 100) to steps of 0.125-0.25, enough to tie or swap close classes.
+        with torch.autocast(features.device.type, enabled=False):
+            return self.classification_head(features)
+
+
+def zero_shot_head(clip, tokenizer, classnames, templates, device="cpu", cache=None):
+    """(num_classes, dim) head: each class's unit-norm mean of unit-norm template embeddings,
+    times exp(logit_scale) (100 for OpenAI weights); read from / written to the file `cache`.
+    1000 classes x 80 templates = 80,000 text encodings: minutes on a GPU, hours on a CPU."""
+    if cache and Path(cache).exists():
+        return load_file(cache)["weight"]
+    print(f"building the zero-shot head: {len(classnames)} classes x {len(templates)} templates")
+    embeddings = open_clip.build_zero_shot_classifier(
+        clip, tokenizer, classnames, templates, device=device, use_tqdm=True)  # (dim, classes)
+    head = clip.logit_scale.exp().item() * embeddings.T.float()
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": head.cpu().contiguous()}, cache)
+        print(f"cached the zero-shot head in {cache}")
+    return head
+
+
+def _head_cache_file(cache_dir, model_name, pretrained, classnames, templates):
+    """Cache file named by model and weights, hashed over everything the head depends on."""
+    key = [model_name, pretrained, *classnames, *(t("{}") if callable(t) else t for t in templates)]
+    if os.path.isfile(pretrained):  # a local weights file: a changed file is a new head
+        stat = os.stat(pretrained)
+        key += [str(stat.st_size), str(stat.st_mtime_ns)]
+    digest = hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
+    tag = Path(pretrained).stem if os.path.isfile(pretrained) else pretrained
+    name = re.sub(r"[^\w.-]", "_", f"head_{model_name}_{tag}_{digest}")  # hf-hub:org/name
+    return Path(cache_dir) / f"{name}.safetensors"
+
+
+def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", classnames=None, templates=None,
+                     cache_dir="~/.cache/model_stock", device="cpu", zero_shot=True):
+    """(classifier, preprocess) for any open_clip model name and pretrained tag or weights file.
+
+    The head is zero-shot from `classnames` x `templates` (ImageNet's 1000 names and the 80
+    OpenAI templates by default) and cached in `cache_dir`; with zero_shot=False it is left
+    at zero, a skeleton for load_checkpoint. pretrained=None gives random weights (tests).
+    `preprocess` is the evaluation transform; `classifier.model.visual.preprocess_cfg` holds
+    its size, mean and std for building training transforms.
+    """
+    classnames = list(classnames or open_clip.IMAGENET_CLASSNAMES)
+    templates = list(templates or open_clip.OPENAI_IMAGENET_TEMPLATES)
+    # OpenAI weights were trained with QuickGELU; open_clip's plain `ViT-B-32` would only warn.
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu"))
+    if quick_gelu and "quickgelu" not in model_name:
+        print(f"{model_name} with '{pretrained}' weights: using QuickGELU, as they were trained")
+    clip, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
+    clip.eval()
+    head = torch.zeros(len(classnames), clip.visual.output_dim)
+    if zero_shot:
+        # Random weights (pretrained=None) are not cached: the head would belong to another init.
+        cache = pretrained and _head_cache_file(
+            Path(cache_dir).expanduser(), model_name, pretrained, classnames, templates)
+        tokenizer = open_clip.get_tokenizer(model_name)
+        head = zero_shot_head(clip, tokenizer, classnames, templates, device, cache)
+    # Only the image tower is kept; the text tower is freed with `clip`.
+    return ImageClassifier(clip.visual, head.to(device), arch=model_name).to(device), preprocess
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(path):
+    """Classifier state dict from a .safetensors or .pt/.pth file (model_stock.load_state_dict:
+    weights_only=True, a "state_dict" entry unwrapped, a "module." prefix stripped), without
+    the text-tower tensors Model Soups checkpoints keep (model.token_embedding...)."""
+    state_dict = model_stock.load_state_dict(path)
+    return {k: v for k, v in state_dict.items()
+            if not k.startswith("model.") or k.startswith("model.visual.")}
+
+
+def load_checkpoint(classifier, checkpoint):
+    """Loads a checkpoint file or state dict into `classifier` (strict); returns classifier.
+
+    A checkpoint of another architecture is a one-line ValueError naming the first mismatch.
+    """
+    source = checkpoint if isinstance(checkpoint, (str, Path)) else "state dict"
+    state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    expected = classifier.state_dict()
+    problem = next((f"key {k} is missing" for k in expected if k not in state_dict), None)
+    problem = problem or next((f"{k} has shape {tuple(state_dict[k].shape)}, the model "
+                               f"{tuple(v.shape)}" for k, v in expected.items()
+                               if state_dict[k].shape != v.shape), None)
+    problem = problem or next((f"unexpected key {k}" for k in state_dict if k not in expected), None)
+    if problem:
+        raise ValueError(f"{source} is not a checkpoint of this {classifier.arch} classifier: "
+                         f"{problem}")
+    classifier.load_state_dict(state_dict, strict=True)
+    return classifier
+
+
+def wise_ft(w0, w, alpha):
+    """WiSE-FT interpolation (1 - alpha) * w0 + alpha * w of floating tensors; others from w.
+
+    alpha = 0 gives w0 and alpha = 1 gives w exactly (the zero-shot and fine-tuned ends).
+    """
+    if w0.keys() != w.keys():
+        first = sorted(w0.keys() ^ w.keys())[0]
+        raise ValueError(f"WiSE-FT needs the same keys in both models; first difference: {first}")
+    return {k: (1 - alpha) * w0[k].to(v.dtype) + alpha * v if v.is_floating_point() else v
+            for k, v in w.items()}
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+class EvalSet(NamedTuple):
+    """A dataset to score: images with labels, and how 1000-way logits map onto its classes."""
+    name: str
+    folder: str
+    dataset: torch.utils.data.Dataset
+    project: Optional[Callable] = None  # (B, 1000) logits -> (B, classes); None: as they are
+
+
+class LabelledFolder(ImageFolder):
+    """An ImageFolder whose folder -> label map is given, not read: other folders are skipped."""
+
+    def __init__(self, root, class_to_idx, transform=None, loader=default_loader):
+        self.given = dict(class_to_idx)
+        try:
+            super().__init__(root, transform=transform, loader=loader)
+        except FileNotFoundError as error:  # a class folder without images
+            raise ValueError(f"{root}: {error}") from None
+
+    def find_classes(self, directory):
+        return sorted(self.given, key=self.given.get), self.given
+
+
+@lru_cache
+def timm_list(name):
+    """Lines of a list timm ships: the 1000 sorted ImageNet wnids, the R/A subsets."""
+    return pkgutil.get_data("timm.data", f"_info/{name}.txt").decode().split()
+
+
+def _class_folders(root):
+    """Sub-folder names of root, sorted; hidden ones (.ipynb_checkpoints) are not classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_folders(root, expected, what, allow_extra=False):
+    """Fails naming the first missing (and unexpected) class folder under root."""
+    if not Path(root).is_dir():
+        raise ValueError(f"{root} is not a folder; expected {what} there")
+    found = set(_class_folders(root))
+    missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+    if missing or (extra and not allow_extra):
+        raise ValueError(f"{root}: expected {what}; {len(missing)} missing (first: {missing[:1]}), "
+                         f"{len(extra)} unexpected (first: {extra[:1]})")
+
+
+def imagenet_folder(root, transform):
+    """ImageNet val or ImageNet-Sketch: 1000 wnid folders; sorted order = standard labels."""
+    wnids = timm_list("imagenet_synsets")
+    _check_folders(root, wnids, "1000 wnid folders (n01440764, ...; val images sorted into "
+                                "class folders, e.g. by pytorch/examples' extract_ILSVRC.sh)")
+    return LabelledFolder(root, {w: i for i, w in enumerate(wnids)}, transform), None
+
+
+def imagenet_v2(root, transform):
+    """ImageNet-V2: folders 0..999, label = int(folder) (string order would put 10 before 2)."""
+    _check_folders(root, [str(i) for i in range(1000)], "1000 folders named 0..999")
+    return LabelledFolder(root, {str(i): i for i in range(1000)}, transform), None
+
+
+def imagenet_subset(root, transform, subset):
+    """ImageNet-R or -A: 200 wnid folders, scored on those 200 columns of the 1000-way logits."""
+    wnids = timm_list(f"{subset}_synsets")  # the lists behind every published number
+    _check_folders(root, wnids, f"the 200 wnid folders of {subset.replace('_', '-')}")
+    folders = sorted(wnids)
+    columns = torch.tensor([timm_list("imagenet_synsets").index(w) for w in folders])
+    dataset = LabelledFolder(root, {w: i for i, w in enumerate(folders)}, transform)
+    return dataset, lambda logits: logits[:, columns.to(logits.device)]
+
+
+def objectnet_classes(mappings):
+    """{folder: [ImageNet indices]} for the 113 ObjectNet folders that map to ImageNet, sorted,
+    read from the `mappings/` folder of the ObjectNet 1.0 download."""
+    files = ["folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json",
+             "pytorch_to_imagenet_2012_id.json", "imagenet_to_label_2012_v2"]
+    missing = [Path(mappings) / f for f in files if not (Path(mappings) / f).is_file()]
+    if missing:
+        raise ValueError(f"ObjectNet mapping file {missing[0]} is missing "
+                         f"(expected the 4 files of objectnet-1.0/mappings/: {', '.join(files)})")
+    folders, imagenet_names, ids, lines = [(Path(mappings) / f).read_text() for f in files]
+    folder_of = {label: folder for folder, label in json.loads(folders).items()}
+    index_of_id = {i: int(p) for p, i in json.loads(ids).items()}
+    # Line i names ImageNet 2012 id i; ids and PyTorch (sorted-wnid) indices differ.
+    index_of_name = {line.strip(): index_of_id[i] for i, line in enumerate(lines.splitlines())}
+    classes = {folder_of[label]: [index_of_name[n] for n in names.split("; ")]
+               for label, names in json.loads(imagenet_names).items()}
+    return dict(sorted(classes.items()))  # label = position in this order
+
+
+def crop_border(image, pixels=2):
+    """Removes the thin frame ObjectNet images carry (the crop Model Soups meant to apply)."""
+    return image.crop((pixels, pixels, image.width - pixels, image.height - pixels))
+
+
+def load_without_border(path):
+    """The image loader with --objectnet-crop (a module-level function: workers pickle it)."""
+    return crop_border(default_loader(path))
+
+
+def objectnet(root, transform, crop=False):
+    """ObjectNet 1.0: images/ (313 folders, 113 used) and mappings/; class score = max over
+    its ImageNet classes' logits, label = index among the sorted mapped folder names."""
+    classes = objectnet_classes(Path(root) / "mappings")
+    _check_folders(Path(root) / "images", classes, "the 113 class folders that map to ImageNet",
+                   allow_extra=True)
+    folders = list(classes)
+    # Pad every class's index list with its own first index: max is unchanged, one gather.
+    width = max(len(v) for v in classes.values())
+    index = torch.tensor([classes[f] + classes[f][:1] * (width - len(classes[f])) for f in folders])
+    labels = {f: i for i, f in enumerate(folders)}
+    loader = load_without_border if crop else default_loader
+    dataset = LabelledFolder(Path(root) / "images", labels, transform, loader)
+    return dataset, lambda logits: logits[:, index.to(logits.device)].amax(dim=-1)
+
+
+# name: (folders tried under --data-location, reference image count, builder)
+DATASETS = {
+    "ImageNet": (("imagenet/val_in_folder", "imagenet/val"), 50_000, imagenet_folder),
+    "ImageNet-V2": (("imagenetv2-matched-frequency-format-val", "ImageNetV2-matched-frequency"),
+                    10_000, imagenet_v2),
+    "ImageNet-Sketch": (("sketch", "imagenet-sketch"), 50_889, imagenet_folder),
+    "ImageNet-R": (("imagenet-r",), 30_000, lambda r, t: imagenet_subset(r, t, "imagenet_r")),
+    "ObjectNet": (("objectnet-1.0",), 18_574, objectnet),
+    "ImageNet-A": (("imagenet-a",), 7_500, lambda r, t: imagenet_subset(r, t, "imagenet_a")),
+}
+SHIFTS = ["ImageNet-V2", "ImageNet-Sketch", "ImageNet-R", "ObjectNet", "ImageNet-A"]
+
+
+def find_eval_sets(data_location, transform, objectnet_crop=False, names=tuple(DATASETS)):
+    """EvalSets for the datasets found under data_location; a missing one is skipped with one
+    line, a malformed one raises, an unexpected image count warns."""
+    eval_sets = []
+    for name in names:
+        candidates, reference, build = DATASETS[name]
+        paths = [Path(data_location) / c for c in candidates]
+        root = next((p for p in paths if p.is_dir()), None)
+        if root is None:
+            print(f"{name}: skipped, not found at {' or '.join(map(str, paths))}")
+            continue
+        extra = {"crop": objectnet_crop} if name == "ObjectNet" else {}
+        dataset, project = build(root, transform, **extra)
+        if len(dataset) != reference:
+            warnings.warn(f"{name}: {len(dataset):,} images in {root}, the reference has "
+                          f"{reference:,}; an incomplete download changes the score")
+        eval_sets.append(EvalSet(name, str(root), dataset, project))
+    return eval_sets
+
+
+def folder_classnames(root):
+    """Class names of an ImageFolder tree: sorted folder names, underscores to spaces."""
+    folders = _class_folders(root) if Path(root).is_dir() else []
+    if not folders:
+        raise ValueError(f"{root}: expected one folder of images per class, found none")
+    return [f.replace("_", " ") for f in folders]
+
+
+def image_folder(root, transform):
+    """A user's own ImageFolder tree as an EvalSet, labels in folder_classnames' order."""
+    folders = _class_folders(root)
+    dataset = LabelledFolder(root, {f: i for i, f in enumerate(folders)}, transform)
+    return EvalSet(Path(root).name, str(root), dataset)
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def evaluate(model, eval_set, batch_size=256, workers=0, device="cpu", bf16=False):
+    """Top-1 accuracy (%) of `model` (images -> logits, 1000-way for ImageNet) on one EvalSet.
+
+    Returns {"top1", "images", "images_per_s"}; images/s counts decoding and the model.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(eval_set.dataset, batch_size=batch_size,
+                                         num_workers=workers, pin_memory=cuda)
+    model.eval()
+    correct, seen, start = torch.zeros((), dtype=torch.long, device=device), 0, time.perf_counter()
+    for images, labels in tqdm(loader, desc=eval_set.name, leave=False, disable=len(loader) < 10):
+        # channels_last helps convolutional towers and costs a ViT's patch embedding nothing.
+        images = images.to(device, non_blocking=True,
+                           memory_format=torch.channels_last if cuda else torch.preserve_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images).float()
+        if eval_set.project is not None:
+            logits = eval_set.project(logits)
+        correct += (logits.argmax(dim=1) == labels.to(device, non_blocking=True)).sum()
+        seen += len(labels)
+    seconds = time.perf_counter() - start
+    return {"top1": 100 * correct.item() / max(seen, 1), "images": seen,
+            "images_per_s": round(seen / seconds, 1)}
+
+
+def avg_shifts(results):
+    """Unweighted mean top-1 of the five shifts; None unless all five were evaluated."""
+    if not all(name in results for name in SHIFTS):
+        return None
+    return sum(results[name]["top1"] for name in SHIFTS) / len(SHIFTS)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", nargs="*", default=[],
+                   help="classifier state dicts (.safetensors/.pt); none: the zero-shot model")
+    p.add_argument("--model", default="ViT-B-32-quickgelu",
+                   help="open_clip model name (paper: ViT-B-32-quickgelu; also ViT-B-16, ViT-L-14)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag, or a local .safetensors/.pt state dict; for OpenAI "
+                        "weights use the tag 'openai', not their TorchScript .pt")
+    p.add_argument("--data-location", default="~/data", help="the folder holding the six datasets")
+    p.add_argument("--data-dir", help="score your own ImageFolder tree instead; folders = class names")
+    p.add_argument("--wise-ft", help="alphas, e.g. 0,0.2,0.4,0.6,0.8,1: evaluate (1-a)*zero-shot + "
+                                     "a*checkpoint (the WiSE-FT curve of the paper's Fig. 1)")
+    p.add_argument("--objectnet-crop", action="store_true",
+                   help="crop ObjectNet's border; the published numbers did not (a no-op bug)")
+    p.add_argument("--batch-size", type=int, default=256, help="does not change the accuracy")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="data loading processes; JPEG decoding is the bottleneck, so use every core")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp32", action="store_true",
+                   help="no bf16 autocast on CUDA; the published numbers were computed in fp32")
+    p.add_argument("--cache-dir", default="~/.cache/model_stock", help="zero-shot heads are cached here")
+    p.add_argument("--output", default="evaluation.json", help="results; the WiSE-FT plot goes beside")
+    return p.parse_args(argv)
+
+
+def code_version():
+    """`git describe` of this file's repository, or 'unknown' outside a git checkout."""
+    git = ["git", "describe", "--always", "--dirty"]
+    try:
+        out = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # no git, or no commit yet
+        return "unknown"
+
+
+def print_table(runs, names):
+    """One row per dataset plus Avg. shifts, one column per evaluated model, top-1 in %."""
+    width = max(14, *(len(run["label"]) + 2 for run in runs))
+    print("\n" + f"{'top-1 (%)':<16}" + "".join(f"{run['label']:>{width}}" for run in runs))
+    for name in names + ["Avg. shifts"]:
+        cells = [run["avg_shifts"] if name == "Avg. shifts" else run["datasets"][name]["top1"]
+                 for run in runs]
+        print(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.2f}':>{width}}" for c in cells))
+
+
+def plot_wise_ft(runs, path):
+    """ImageNet top-1 against Avg. shifts along alpha, one curve per checkpoint (paper Fig. 1)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("pip install matplotlib for the WiSE-FT plot; the numbers are in the JSON")
+        return
+    if any(run["avg_shifts"] is None or "ImageNet" not in run["datasets"] for run in runs):
+        print("no WiSE-FT plot: it needs ImageNet and all five shifts")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for checkpoint in dict.fromkeys(run["checkpoint"] for run in runs):
+        curve = [run for run in runs if run["checkpoint"] == checkpoint]
+        x = [run["datasets"]["ImageNet"]["top1"] for run in curve]
+        y = [run["avg_shifts"] for run in curve]
+        ax.plot(x, y, "o-", label=Path(checkpoint).name)
+        for run, xy in zip(curve, zip(x, y)):
+            ax.annotate(f"{run['alpha']:g}", xy, fontsize=7)
+    ax.set(xlabel="ImageNet top-1 (%)", ylabel="Avg. top-1 on 5 shifts (%)",
+           title="WiSE-FT (points labelled with alpha)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, bbox_inches="tight", dpi=150)
+    print(f"saved the WiSE-FT plot to {path}")
+
+
+def main(argv=None):
+    # 1. Arguments, printed and saved with the results.
+    args = parse_args(argv)
+    warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
+    alphas = [float(a) for a in args.wise_ft.split(",")] if args.wise_ft else None
+    if alphas and not args.checkpoint:
+        sys.exit("--wise-ft interpolates towards a fine-tuned model: give it --checkpoint")
+    print(json.dumps(vars(args), indent=1))
+    device = torch.device(args.device)
+
+    # 2. The datasets, scanned once and shared by every model below; before the model is
+    #    built, so that a malformed folder fails in seconds. Their transform comes in step 3.
+    if args.data_dir:
+        eval_sets = [image_folder(args.data_dir, None)]
+    else:
+        data_location = Path(args.data_location).expanduser()
+        eval_sets = find_eval_sets(data_location, None, args.objectnet_crop)
+    if not eval_sets:
+        sys.exit(f"no dataset found under {args.data_location}; see the README for the layout")
+
+    # 3. The classifier: zero-shot head from ImageNet's or the --data-dir folders' class names.
+    #    A checkpoint replaces the head, so only the zero-shot model and WiSE-FT need it built.
+    classnames = folder_classnames(args.data_dir) if args.data_dir else None
+    classifier, preprocess = build_classifier(
+        args.model, args.pretrained, classnames, cache_dir=args.cache_dir, device=device,
+        zero_shot=not args.checkpoint or bool(alphas))
+    for eval_set in eval_sets:
+        eval_set.dataset.transform = preprocess  # the model's resize, crop and normalisation
+    w0 = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+    if device.type == "cuda":
+        classifier = classifier.to(memory_format=torch.channels_last)
+
+    # 4. The models: the zero-shot one, each checkpoint, or each (checkpoint, alpha).
+    models = [("zero-shot", None, None)]
+    if args.checkpoint:
+        models = [(Path(c).name + (f" a={a:g}" if alphas else ""), c, a)
+                  for c in args.checkpoint for a in alphas or [None]]
+
+    # 5. Evaluate every model on every dataset.
+    runs = []
+    for label, checkpoint, alpha in models:
+        if checkpoint:
+            w = read_checkpoint(checkpoint)
+            load_checkpoint(classifier, w)  # checks keys and shapes before any interpolation
+            if alpha is not None:
+                load_checkpoint(classifier, wise_ft(w0, w, alpha))
+        results = {}
+        for eval_set in eval_sets:
+            r = evaluate(classifier, eval_set, args.batch_size, args.workers, device,
+                         bf16=device.type == "cuda" and not args.fp32)
+            results[eval_set.name] = {**r, "folder": eval_set.folder}
+            print(f"{label} | {eval_set.name}: {r['top1']:.2f}% of {r['images']:,} images, "
+                  f"{r['images_per_s']:.0f} images/s")
+        runs.append({"label": label, "checkpoint": checkpoint or "zero-shot", "alpha": alpha,
+                     "datasets": results, "avg_shifts": avg_shifts(results)})
+    print_table(runs, [s.name for s in eval_sets])
+
+    # 6. Results (and the WiSE-FT plot) beside each other.
+    output = Path(args.output)
+    record = {"runs": runs, "args": vars(args), "code_version": code_version()}
+    output.write_text(json.dumps(record, indent=1))
+    print(f"\nwrote {output}")
+    if alphas:
+        plot_wise_ft(runs, output.with_name(output.stem + "_wise_ft.png"))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

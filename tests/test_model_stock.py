@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import model_stock
 from model_stock import cosine, merge, merge_models_, ratio
 
 ROOT = Path(__file__).resolve().parents[1]

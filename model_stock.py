@@ -39,11 +39,14 @@ def _mean_cos(gram):
     # `denom == 0`, not `denom > 0`, so that NaN from a non-finite input stays NaN.
     cos = torch.where(denom == 0, torch.zeros_like(gram), gram / denom)
     i, j = torch.triu_indices(len(gram), len(gram), offset=1, device=gram.device)
-    return cos[i, j].mean()
+    # A non-finite Gram entry (NaN/inf input, or |d|^2 overflowing) must not pass as cos 0.
+    return torch.where(torch.isfinite(gram).all(), cos[i, j].mean(), torch.nan)
 
 
 def cosine(w0, ws):
     """Mean pairwise cosine between the task vectors of one tensor, in [-1, 1]."""
+    if len(ws) < 2:
+        raise ValueError(f"a cosine needs at least 2 fine-tuned tensors, got {len(ws)}")
     _, d = _task_vectors(w0, ws)
     return _mean_cos(d @ d.T).item()
 
@@ -93,7 +96,7 @@ def _raise_non_finite(key, w0, ws):
                                                           for i, w in enumerate(ws)]:
         if not torch.isfinite(v).all():
             raise ValueError(f"key {key!r}: {name} holds NaN or inf; refusing to merge it")
-    raise ValueError(f"key {key!r}: task-vector dot products overflow float32")
+    raise ValueError(f"key {key!r}: task-vector dot products overflow the accumulation dtype")
 
 
 def merge(w0, ws):
@@ -170,14 +173,21 @@ def save_state_dict(state, path):
     """Writes .safetensors (by suffix) or torch.save, via a temporary file and a rename, so a
     crash never leaves half a file."""
     import os
+    import tempfile
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = f"{path}.tmp"
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-        save_file(state, tmp)
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, path)
+    # A unique temporary name in the same folder: concurrent writers never share one.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import save_file
+            save_file(state, tmp)
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def print_table(w0, ws, ts):
@@ -214,8 +224,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.inspect and not args.output:
         parser.error("give -o/--output, or --inspect to only print the table")
-    if args.output and not args.inspect and os.path.exists(args.output) and not args.force:
-        parser.error(f"{args.output} exists; pass --force to overwrite it")
+    if args.output and not args.inspect:
+        if os.path.isdir(args.output) or not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            parser.error(f"-o {args.output}: expected a file name in an existing folder")
+        if os.path.exists(args.output) and not args.force:
+            parser.error(f"{args.output} exists; pass --force to overwrite it")
+    if len(set(map(os.path.abspath, args.finetuned))) < len(args.finetuned):
+        print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     try:
         w0 = load_state_dict(args.pretrained)
         ws = [load_state_dict(p) for p in args.finetuned]

@@ -117,3 +117,18 @@ def test_runs_as_a_script(checkpoints, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.exists() and "mean t over" in result.stdout
+
+
+def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
+    paths, _, _ = checkpoints
+    for output in (tmp_path / "no_such_folder" / "m.safetensors", tmp_path):
+        with pytest.raises(SystemExit):
+            model_stock.main(paths + ["-o", str(output), "--force"])
+        assert "expected a file name in an existing folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_same_file_twice_is_warned_about(checkpoints, capsys):
+    paths, _, _ = checkpoints
+    model_stock.main([paths[0], paths[1], paths[1], "--inspect"])
+    assert "the same fine-tuned file is given twice" in capsys.readouterr().out

@@ -248,11 +248,17 @@ def test_bad_input_raises_a_clear_error(mutate, message):
         merge(w0, ws)
 
 
-def test_overflowing_dot_products_are_reported():
+@pytest.mark.parametrize("big", [[3e38, 2e38], [1e19, 1e-3]])  # both, or only one |d|^2 overflows
+def test_overflowing_dot_products_are_reported(big):
     w0 = {"w": torch.zeros(4)}
-    ws = [{"w": torch.full((4,), 3e38)}, {"w": torch.full((4,), 2e38)}]
-    with pytest.raises(ValueError, match="key 'w': task-vector dot products overflow float32"):
+    ws = [{"w": torch.full((4,), x)} for x in big]
+    with pytest.raises(ValueError, match="key 'w': task-vector dot products overflow"):
         merge(w0, ws)
+
+
+def test_cosine_needs_two_models():
+    with pytest.raises(ValueError, match="at least 2 fine-tuned tensors, got 1"):
+        cosine(torch.zeros(3), [torch.ones(3)])
 
 
 # ---- an independent oracle: element by element, in Python floats ----

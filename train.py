@@ -12,6 +12,7 @@ model_stock.merge_models_ against w0 (paper §3 "Periodic merging", Fig. 7).
 """
 import argparse
 import copy
+import datetime
 import hashlib
 import json
 import math
@@ -26,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision import transforms as T
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 import evaluate
@@ -111,8 +111,10 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ---- Data: every random draw is a function of (seed, epoch, position), so a resumed or
-# ---- sharded run replays exactly the same samples, crops and mixup ratios.
+# ---- Data: every random draw is a function of (seed, epoch, position), so a resumed run, or
+# ---- one with more data workers, replays exactly the same samples, crops and mixup ratios.
+# ---- (Mixup pairs images within a micro-batch, so the number of processes and --accum-steps
+# ---- change which images are mixed; without mixup they change nothing but rounding.)
 
 class SeededImages(torch.utils.data.Dataset):
     """ImageFolder samples addressed by (index, seed): the transform runs under that seed."""
@@ -155,19 +157,22 @@ def train_transform(classifier, args):
         from timm.data.auto_augment import rand_augment_transform
         mean = tuple(round(255 * m) for m in cfg["mean"])
         steps.append(rand_augment_transform(args.randaug, {"translate_const": int(size * 0.45), "img_mean": mean}))
-    steps += [T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+    steps += [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]  # the loader already gives RGB
     return T.Compose(steps)
 
 
 def training_set(train_dir):
-    """The ImageFolder and its class names: ImageNet's for the 1000 wnids, else folder names."""
+    """The image folder and its class names: ImageNet's for the 1000 wnids, else folder names.
+    Labels follow evaluate.py's rule (sorted folders, hidden ones skipped), as do the names."""
     root = Path(train_dir).expanduser()
     try:
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as e:
+        names = evaluate.folder_classnames(root)
+        folders = evaluate._class_folders(root)
+        folder = evaluate.LabelledFolder(root, {f: i for i, f in enumerate(folders)})
+    except (ValueError, OSError) as e:
         raise SystemExit(f"train.py: error: --train-dir {root}: {e}; expected one folder of images per class")
-    wnids = evaluate.timm_list("imagenet_synsets") if len(folder.classes) == 1000 else None
-    names = list(open_clip.IMAGENET_CLASSNAMES) if folder.classes == wnids else evaluate.folder_classnames(root)
+    if folders == evaluate.timm_list("imagenet_synsets"):
+        names = list(open_clip.IMAGENET_CLASSNAMES)
     return folder, names
 
 
@@ -178,7 +183,10 @@ def probe_features(classifier, folder, preprocess, args, device):
     """L2-normalised features of every training image (evaluation transform: no augmentation),
     and labels; computed once and cached in --cache-dir, keyed by model, weights and images."""
     files = "\n".join(f"{path}:{label}" for path, label in folder.samples)
-    key = hashlib.sha1(f"{args.model}|{args.pretrained}|{files}".encode()).hexdigest()[:16]
+    weights = args.pretrained  # a local weights file: a changed file is a new cache entry
+    if weights and os.path.isfile(weights):
+        weights += f":{os.path.getsize(weights)}:{os.stat(weights).st_mtime_ns}"
+    key = hashlib.sha1(f"{args.model}|{weights}|{files}".encode()).hexdigest()[:16]
     cache = Path(args.cache_dir).expanduser() / f"lp_features_{key}.safetensors"
     if cache.exists():
         from safetensors.torch import load_file
@@ -286,8 +294,10 @@ def unwrap(model):
 def prepare_output(args, out):
     """Checks and sets up --output-dir (rank 0); returns True if a checkpoint is resumed."""
     resuming = args.resume and (out / "checkpoint.pt").exists()
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise SystemExit(f"train.py: error: {out} already holds a run; pass --resume to continue it or --overwrite")
+    if out.exists() and any(out.iterdir()) and not (resuming or args.overwrite):
+        reason = "no checkpoint.pt to resume from" if args.resume else "already holds a run"
+        raise SystemExit(f"train.py: error: {out} {reason}; pass --resume to continue a run, "
+                         f"--overwrite to start afresh")
     out.mkdir(parents=True, exist_ok=True)
     if resuming:
         saved = json.loads((out / "args.json").read_text())
@@ -297,8 +307,9 @@ def prepare_output(args, out):
                                  f"({saved.get(key)!r} in the run, {value!r} now)")
         return True
     if args.resume:
-        print(f"{out / 'checkpoint.pt'} not written yet: starting the run from step 0")
-    for old in ["log.jsonl", "checkpoint.pt", "final.safetensors", *(p.name for p in out.glob("model_*.safetensors"))]:
+        print(f"{out} is empty: starting the run from step 0")
+    for old in ["log.jsonl", "checkpoint.pt", "final.safetensors", "merged.safetensors",
+                *(p.name for p in out.glob("model_*.safetensors"))]:
         (out / old).unlink(missing_ok=True)
     (out / "args.json").write_text(json.dumps({**vars(args), "code_version": evaluate.code_version()}, indent=2))
     return False
@@ -306,7 +317,7 @@ def prepare_output(args, out):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    tmp = Path(f"{path}.tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -333,8 +344,8 @@ def main(argv=None):
     args = parse_args(argv)
     # 1. Processes and devices: torchrun sets WORLD_SIZE; one process otherwise.
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:  # a long timeout: the other ranks wait while rank 0 evaluates or writes w0
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=3))
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -342,11 +353,12 @@ def main(argv=None):
     bf16 = device.type == "cuda" and not args.fp32
     barrier = dist.barrier if world > 1 else (lambda: None)
     out = Path(args.output_dir)
-    resuming = args.resume and (out / "checkpoint.pt").exists()
+    decision = [prepare_output(args, out) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(decision)  # every rank resumes, or none
+    resuming = decision[0]
     if rank == 0:
-        resuming = prepare_output(args, out)
         print(json.dumps(vars(args)))
-    barrier()
 
     # 2. Data, and the batch arithmetic it must allow.
     folder, classnames = training_set(args.train_dir)
@@ -362,16 +374,19 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     merge_period = int(args.merge_every) if args.merge_every.isdigit() else {"epoch": steps_per_epoch, "never": None}[args.merge_every]
 
-    # 3. w0: the whole initial classifier (encoder + zero-shot or linear-probe head), the merge anchor.
+    # 3. w0: the whole initial classifier (encoder + zero-shot or linear-probe head), the merge
+    #    anchor. Rank 0 builds and saves it; every rank then loads that file, so all hold one w0.
     torch.manual_seed(0)  # random weights (--pretrained none): the same w0 in every run, whatever --seed
-    classifier, preprocess = evaluate.build_classifier(args.model, args.pretrained, classnames, cache_dir=args.cache_dir, device=device)
-    if resuming:
-        classifier.load_state_dict(evaluate.read_checkpoint(out / "w0.safetensors"))
-    elif args.init == "lp":
-        fit_linear_probe(classifier, *probe_features(classifier, folder, preprocess, args, device))
+    build = rank == 0 and not resuming
+    classifier, preprocess = evaluate.build_classifier(args.model, args.pretrained, classnames, cache_dir=args.cache_dir,
+                                                       device=device, zero_shot=build)
+    if build:
+        if args.init == "lp":
+            fit_linear_probe(classifier, *probe_features(classifier, folder, preprocess, args, device))
+        model_stock.save_state_dict(classifier.state_dict(), out / "w0.safetensors")
+    barrier()
+    classifier.load_state_dict(evaluate.read_checkpoint(out / "w0.safetensors"))
     w0 = {k: v.detach().clone() for k, v in classifier.state_dict().items()}  # on the device: merges never leave it
-    if rank == 0 and not resuming:
-        model_stock.save_state_dict(w0, out / "w0.safetensors")
 
     # 4. N models and optimizers (AdamW on every parameter), one shared schedule.
     models = [copy.deepcopy(classifier).train() for _ in range(args.num_models)]

@@ -1,6 +1,8 @@
 """train.py on a tiny open_clip config and a generated ImageFolder (CPU, no network)."""
+import argparse
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -126,6 +128,61 @@ def test_one_model_never_merged_is_plain_finetuning(train_dir, tmp_path):
     assert any(not torch.equal(a[k], w0[k]) for k in a)
 
 
+def test_finished_run_without_checkpoint_is_not_wiped_by_resume(train_dir, tmp_path):
+    out = run(train_dir, tmp_path / "done", "--epochs", "1")
+    (out / "checkpoint.pt").unlink()  # deleted to save space after training
+    before = (out / "final.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="no checkpoint.pt to resume from; pass --resume to continue a run, --overwrite"):
+        run(train_dir, out, "--epochs", "2", "--resume")
+    assert (out / "final.safetensors").read_bytes() == before
+
+
+def test_hidden_folders_are_not_classes(train_dir, tmp_path):
+    """A .thumbs/ folder must not shift the labels against the class names of the head."""
+    tree = tmp_path / "tree"
+    shutil.copytree(train_dir, tree)
+    (tree / ".thumbs").mkdir()
+    shutil.copy(tree / "class_0" / "0.png", tree / ".thumbs" / "x.png")
+    folder, names = train.training_set(tree)
+    assert names == ["class 0", "class 1", "class 2", "class 3"] and len(folder) == 24
+    assert all(Path(path).parent.name == f"class_{label}" for path, label in folder.samples)
+
+
+def test_accumulated_gradients_equal_the_full_batch_gradient():
+    """Micro-batch losses are scaled by 1/accum-steps: the step sees the full batch's mean gradient."""
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            self.grads = [p.grad.clone() for p in self.param_groups[0]["params"]]
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    grads = []
+    for split in (1, 4):
+        model = torch.nn.Linear(6, 3)
+        torch.nn.init.constant_(model.weight, 0.1)
+        torch.nn.init.zeros_(model.bias)
+        opt = Recorder(model.parameters(), lr=0.0)
+        micro = [list(zip(images.chunk(split), labels.chunk(split)))]
+        train.train_step([model], [opt], micro, 0.0, 0, argparse.Namespace(seed=0))
+        grads.append(opt.grads)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert grads[0][0].norm() < 1.0  # unclipped, so the scale itself is compared
+
+
+def test_mixup_uses_no_label_smoothing(train_dir, tmp_path, monkeypatch):
+    seen = []
+    real_loss = train.loss_of
+
+    def spy(model, images, labels, mixup, *a, **k):
+        seen.append(mixup)
+        return real_loss(model, images, labels, mixup, *a, **k)
+
+    monkeypatch.setattr(train, "loss_of", spy)
+    run(train_dir, tmp_path / "run", "--epochs", "1")
+    assert seen and all(m.mixup_alpha == 0.5 and m.label_smoothing == 0.0 and m.cutmix_alpha == 0 for m in seen)
+
+
 def test_gradient_accumulation_matches_the_full_batch(train_dir, tmp_path):
     a = run(train_dir, tmp_path / "full", "--epochs", "1", "--mixup", "0")
     b = run(train_dir, tmp_path / "accum", "--epochs", "1", "--mixup", "0", "--accum-steps", "2")
@@ -181,7 +238,7 @@ def test_bad_folders_and_existing_runs(train_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it or --overwrite"):
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue a run, --overwrite to start afresh"):
         run(train_dir, out)
     assert (out / "notes.txt").read_text() == "mine"
     run(train_dir, tmp_path / "done", "--epochs", "1")

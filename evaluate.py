@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple, Optional
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from tqdm import tqdm
@@ -67,14 +67,17 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device="cpu", cache=N
     times exp(logit_scale) (100 for OpenAI weights); read from / written to the file `cache`.
     1000 classes x 80 templates = 80,000 text encodings: minutes on a GPU, hours on a CPU."""
     if cache and Path(cache).exists():
-        return load_file(cache)["weight"]
+        try:
+            return load_file(cache)["weight"]
+        except Exception as error:  # a damaged cache file is rebuilt, not fatal
+            print(f"rebuilding the zero-shot head: cannot read {cache} ({type(error).__name__})")
     print(f"building the zero-shot head: {len(classnames)} classes x {len(templates)} templates")
     embeddings = open_clip.build_zero_shot_classifier(
         clip, tokenizer, classnames, templates, device=device, use_tqdm=True)  # (dim, classes)
     head = clip.logit_scale.exp().item() * embeddings.T.float()
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": head.cpu().contiguous()}, cache)
+        model_stock.save_state_dict({"weight": head}, cache)  # atomic: a kill leaves no half file
         print(f"cached the zero-shot head in {cache}")
     return head
 
@@ -370,6 +373,14 @@ def avg_shifts(results):
 # ---------------------------------------------------------------------------- command line
 
 
+def alpha_list(text):
+    """'0,0.5,1' -> [0.0, 0.5, 1.0], for --wise-ft."""
+    try:
+        return [float(a) for a in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {text!r}") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", nargs="*", default=[],
@@ -381,7 +392,7 @@ def parse_args(argv=None):
                         "weights use the tag 'openai', not their TorchScript .pt")
     p.add_argument("--data-location", default="~/data", help="the folder holding the six datasets")
     p.add_argument("--data-dir", help="score your own ImageFolder tree instead; folders = class names")
-    p.add_argument("--wise-ft", help="alphas, e.g. 0,0.2,0.4,0.6,0.8,1: evaluate (1-a)*zero-shot + "
+    p.add_argument("--wise-ft", type=alpha_list, help="alphas, e.g. 0,0.2,0.4,0.6,0.8,1: evaluate (1-a)*zero-shot + "
                                      "a*checkpoint (the WiSE-FT curve of the paper's Fig. 1)")
     p.add_argument("--objectnet-crop", action="store_true",
                    help="crop ObjectNet's border; the published numbers did not (a no-op bug)")
@@ -445,12 +456,27 @@ def plot_wise_ft(runs, path):
 
 
 def main(argv=None):
-    # 1. Arguments, printed and saved with the results.
+    """The command line; bad input (files, folders, checkpoints) ends in one line, not a traceback."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:
+        sys.exit(f"evaluate.py: error: {error}")
+
+
+def run(args):
+    # 1. Arguments, printed and saved with the results; everything that can fail on the
+    #    user's input is checked before the long work starts.
     warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
-    alphas = [float(a) for a in args.wise_ft.split(",")] if args.wise_ft else None
+    alphas = args.wise_ft
     if alphas and not args.checkpoint:
-        sys.exit("--wise-ft interpolates towards a fine-tuned model: give it --checkpoint")
+        raise ValueError("--wise-ft interpolates towards a fine-tuned model: give it --checkpoint")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output}: its folder does not exist")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir} is not a folder; expected one folder of images per class")
+    for checkpoint in args.checkpoint:
+        read_checkpoint(checkpoint)  # unreadable files fail now, not after hours of evaluation
     print(json.dumps(vars(args), indent=1))
     device = torch.device(args.device)
 
@@ -462,7 +488,7 @@ def main(argv=None):
         data_location = Path(args.data_location).expanduser()
         eval_sets = find_eval_sets(data_location, None, args.objectnet_crop)
     if not eval_sets:
-        sys.exit(f"no dataset found under {args.data_location}; see the README for the layout")
+        raise ValueError(f"no dataset found under {args.data_location}; see the README for the layout")
 
     # 3. The classifier: zero-shot head from ImageNet's or the --data-dir folders' class names.
     #    A checkpoint replaces the head, so only the zero-shot model and WiSE-FT need it built.
@@ -473,6 +499,8 @@ def main(argv=None):
     for eval_set in eval_sets:
         eval_set.dataset.transform = preprocess  # the model's resize, crop and normalisation
     w0 = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+    for checkpoint in args.checkpoint:  # another architecture fails before any evaluation
+        load_checkpoint(classifier, checkpoint)
     if device.type == "cuda":
         classifier = classifier.to(memory_format=torch.channels_last)
 
@@ -486,9 +514,9 @@ def main(argv=None):
     runs = []
     for label, checkpoint, alpha in models:
         if checkpoint:
-            w = read_checkpoint(checkpoint)
-            load_checkpoint(classifier, w)  # checks keys and shapes before any interpolation
+            load_checkpoint(classifier, checkpoint)
             if alpha is not None:
+                w = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
                 load_checkpoint(classifier, wise_ft(w0, w, alpha))
         results = {}
         for eval_set in eval_sets:

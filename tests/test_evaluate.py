@@ -5,6 +5,7 @@ pixel 0 names the top ImageNet column (logit 2), pixel 1 the runner-up (logit 1)
 dataset's scoring rule then has one right answer, counted by hand below.
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -214,6 +215,13 @@ def test_zero_shot_head_shape_normalisation_scale_and_cache(tiny_clip_name, tiny
     again, _ = ev.build_classifier(tiny_clip_name, tiny_weights, names, TEMPLATES, cache_dir=tmp_path)
     assert torch.equal(again.classification_head.weight, head.weight)
     assert len(list(tmp_path.glob("head_*.safetensors"))) == 1
+    # A cache file cut short by a kill is rebuilt, not fatal.
+    monkeypatch.undo()
+    cache = next(tmp_path.glob("head_*.safetensors"))
+    cache.write_bytes(cache.read_bytes()[:50])
+    rebuilt, _ = ev.build_classifier(tiny_clip_name, tiny_weights, names, TEMPLATES, cache_dir=tmp_path)
+    assert torch.allclose(rebuilt.classification_head.weight, head.weight, atol=1e-6)
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_classifier_normalises_features(tiny_clip_name):
@@ -302,8 +310,27 @@ def test_command_line_zero_shot_checkpoint_and_wise_ft(tiny_clip_name, tiny_weig
     runs = ev.main(common + ["--checkpoint", str(tmp_path / "ft.safetensors"), "--wise-ft", "0,1",
                              "--output", str(tmp_path / "wise.json")])
     saved = json.loads((tmp_path / "wise.json").read_text())
-    assert [r["alpha"] for r in saved["runs"]] == [0.0, 1.0] and saved["args"]["wise_ft"] == "0,1"
+    assert [r["alpha"] for r in saved["runs"]] == [0.0, 1.0] and saved["args"]["wise_ft"] == [0.0, 1.0]
     assert "code_version" in saved
     assert runs[0]["datasets"]["val"]["top1"] == zero_shot["datasets"]["val"]["top1"]  # alpha 0 = w0
     out = capsys.readouterr().out
     assert "Avg. shifts" in out and "images/s" in out
+
+
+def test_command_line_errors_are_one_line_and_early(tiny_clip_name, tmp_path, capsys):
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "cat" / "0.png")
+    common = ["--model", tiny_clip_name, "--pretrained", "none", "--data-dir", str(tmp_path / "val"), "--workers", "0"]
+    cases = [
+        (["--output", str(tmp_path / "nowhere" / "r.json")], "--output .*: its folder does not exist"),
+        (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt: cannot be loaded"),
+        (["--data-dir", str(tmp_path / "nope")], "--data-dir .*nope is not a folder"),
+        (["--wise-ft", "0.5"], "--wise-ft interpolates towards a fine-tuned model"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main(common + extra)
+        assert re.search(message, str(exit_info.value)), exit_info.value
+    with pytest.raises(SystemExit):
+        ev.main(common + ["--wise-ft", "0,x"])
+    assert "expected comma-separated numbers such as 0,0.5,1, got '0,x'" in capsys.readouterr().err

@@ -138,11 +138,11 @@ def epoch_batches(n_images, model_seed, epoch, args, steps, rank=0, world=1, sta
     Global batch k is images perm[k*B:(k+1)*B]; rank r takes every world-th of them, cut into
     accum-steps micro-batches. Samples and their seeds do not depend on world or accum.
     """
-    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed_of(model_seed, epoch)))
+    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed_of(model_seed, epoch))).tolist()
     micro = []
     for k in range(start, steps):
         positions = range(k * args.batch_size + rank, (k + 1) * args.batch_size, world)
-        share = [(int(perm[p]), seed_of(model_seed, epoch, p)) for p in positions]
+        share = [(perm[p], seed_of(model_seed, epoch, p)) for p in positions]
         size = len(share) // args.accum_steps
         micro += [share[a * size:(a + 1) * size] for a in range(args.accum_steps)]
     return micro

@@ -82,12 +82,18 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device="cpu", cache=N
     return head
 
 
+def weights_key(pretrained):
+    """The pretrained tag, or for a local weights file its path, size and mtime: a changed
+    file is new weights for every cache keyed on it."""
+    if pretrained and os.path.isfile(pretrained):
+        stat = os.stat(pretrained)
+        return f"{pretrained}:{stat.st_size}:{stat.st_mtime_ns}"
+    return str(pretrained)
+
+
 def _head_cache_file(cache_dir, model_name, pretrained, classnames, templates):
     """Cache file named by model and weights, hashed over everything the head depends on."""
-    key = [model_name, pretrained, *classnames, *(t("{}") if callable(t) else t for t in templates)]
-    if os.path.isfile(pretrained):  # a local weights file: a changed file is a new head
-        stat = os.stat(pretrained)
-        key += [str(stat.st_size), str(stat.st_mtime_ns)]
+    key = [model_name, weights_key(pretrained), *classnames, *(t("{}") if callable(t) else t for t in templates)]
     digest = hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
     tag = Path(pretrained).stem if os.path.isfile(pretrained) else pretrained
     name = re.sub(r"[^\w.-]", "_", f"head_{model_name}_{tag}_{digest}")  # hf-hub:org/name

@@ -183,10 +183,7 @@ def probe_features(classifier, folder, preprocess, args, device):
     """L2-normalised features of every training image (evaluation transform: no augmentation),
     and labels; computed once and cached in --cache-dir, keyed by model, weights and images."""
     files = "\n".join(f"{path}:{label}" for path, label in folder.samples)
-    weights = args.pretrained  # a local weights file: a changed file is a new cache entry
-    if weights and os.path.isfile(weights):
-        weights += f":{os.path.getsize(weights)}:{os.stat(weights).st_mtime_ns}"
-    key = hashlib.sha1(f"{args.model}|{weights}|{files}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{args.model}|{evaluate.weights_key(args.pretrained)}|{files}".encode()).hexdigest()[:16]
     cache = Path(args.cache_dir).expanduser() / f"lp_features_{key}.safetensors"
     if cache.exists():
         from safetensors.torch import load_file

@@ -71,7 +71,7 @@ def test_zero_task_vector_counts_as_cos_zero():
     assert cosine(w0, ws) == pytest.approx(1 / 3)  # pairs: 0, 0, 1
 
 
-# ---- limiting cases (derivation.md §6) ----
+# ---- limiting cases (derivation.md §8) ----
 
 def test_parallel_task_vectors_give_the_plain_average():
     """cos = 1: t = 1, w_h = w_avg."""
@@ -125,7 +125,7 @@ def test_scaling_all_task_vectors_keeps_t_and_scales_the_step(scale):
         torch.testing.assert_close(w_s[k] - w0[k], scale * (w_h[k] - w0[k]), rtol=1e-7, atol=1e-9 * scale)
 
 
-# ---- decisions (derivation.md §5) ----
+# ---- decisions (derivation.md §7) ----
 
 def test_negative_cos_gives_w0_not_nan():
     w0 = {"w": torch.tensor([1.0, 1.0, 1.0])}

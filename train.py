@@ -188,9 +188,12 @@ def training_set(train_dir):
 @torch.no_grad()
 def probe_features(classifier, folder, preprocess, args, device):
     """L2-normalised features of every training image (evaluation transform: no augmentation),
-    and labels; computed once and cached in --cache-dir, keyed by model, weights and images."""
+    and labels; computed once and cached in --cache-dir, keyed by model, weights, images and precision
+    (bf16 autocast on CUDA, stored in fp16; with --fp32, fp32 throughout)."""
+    bf16 = device.type == "cuda" and not args.fp32
     files = "\n".join(f"{path}:{label}" for path, label in folder.samples)
-    key = hashlib.sha1(f"{args.model}|{evaluate.weights_key(args.pretrained)}|{files}".encode()).hexdigest()[:16]
+    precision = "bf16" if bf16 else "fp32"
+    key = hashlib.sha1(f"{args.model}|{evaluate.weights_key(args.pretrained)}|{precision}|{files}".encode()).hexdigest()[:16]
     cache = Path(args.cache_dir).expanduser() / f"lp_features_{key}.safetensors"
     if cache.exists():
         from safetensors.torch import load_file
@@ -200,13 +203,13 @@ def probe_features(classifier, folder, preprocess, args, device):
                                          sampler=[(i, 0) for i in range(len(folder))])
     feats, labels = [], []
     for images, y in tqdm(loader, desc="linear probe: features"):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feats.append(F.normalize(classifier.model.visual(images.to(device)).float(), dim=-1).cpu())
         labels.append(y)
     features, labels = torch.cat(feats), torch.cat(labels)
     if args.pretrained:  # random weights (tests) are not worth caching
         cache.parent.mkdir(parents=True, exist_ok=True)
-        model_stock.save_state_dict({"features": features.half(), "labels": labels}, cache)
+        model_stock.save_state_dict({"features": features.half() if bf16 else features, "labels": labels}, cache)
     return features, labels
 
 

@@ -220,25 +220,35 @@ def probe_features(classifier, folder, preprocess, args, device):
 PROBE_L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 
 
-def _fit_head(w, b, x, y, l2, iterations):
-    """Full-batch L-BFGS on mean cross-entropy + l2 * mean_k |w_k|^2, from (w, b); returns the fit."""
+def _fit_head(w, b, x, y, l2, iterations, chunk=2**16):
+    """Full-batch L-BFGS on mean cross-entropy + l2 * mean_k |w_k|^2, from (w, b); returns the fit.
+    The loss is summed over chunks of images: ImageNet's 1.28M x 1000 logits never exist at once."""
     w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
     opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum(1).mean()
+        loss = l2 * w.pow(2).sum(1).mean()
         loss.backward()
-        return loss
+        total = loss.detach()
+        for i in range(0, len(y), chunk):
+            part = F.cross_entropy(x[i:i + chunk] @ w.T + b, y[i:i + chunk], reduction="sum") / len(y)
+            part.backward()
+            total += part.detach()
+        return total
     opt.step(closure)
     return w.detach(), b.detach()
 
 
 @torch.no_grad()
-def _head_scores(w, b, x, y):
+def _head_scores(w, b, x, y, chunk=2**16):
     """Top-1 accuracy (%) and mean cross-entropy of the head (w, b) on features x, labels y."""
-    logits = x @ w.T + b
-    return 100 * (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), chunk):
+        logits = x[i:i + chunk] @ w.T + b
+        correct += (logits.argmax(1) == y[i:i + chunk]).sum().item()
+        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum").item()
+    return 100 * correct / len(y), loss / len(y)
 
 
 def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0.1, iterations=200):

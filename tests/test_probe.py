@@ -93,3 +93,16 @@ def test_probe_does_not_depend_on_the_training_seed_and_leaves_its_inputs_alone(
         train.fit_linear_probe(classifier, features, labels, iterations=20)
         heads.append(classifier.classification_head.weight.detach().clone())
     assert torch.equal(heads[0], heads[1]) and torch.equal(features, before)
+
+
+def test_chunked_loss_is_the_full_batch_loss():
+    """The loss and its gradient are summed over chunks of images; the chunk size changes only rounding."""
+    gen = torch.Generator().manual_seed(4)
+    means = F.normalize(torch.randn(10, 8, generator=gen), dim=-1)
+    features, labels = clip_like(30, gen, means)
+    start = torch.randn(10, 9, generator=gen)
+    whole = train._fit_head(start, torch.zeros(10), features, labels, 1e-3, iterations=10)
+    chunked = train._fit_head(start, torch.zeros(10), features, labels, 1e-3, iterations=10, chunk=7)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert train._head_scores(*whole, features, labels, chunk=7) == pytest.approx(train._head_scores(*whole, features, labels))

@@ -263,6 +263,8 @@ def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0
     device = head.weight.device
     x, y = features.to(device), labels.to(device)
     w0, b0 = head.weight.detach().float().clone(), head.bias.detach().float().clone()
+    if len(y) < 2:
+        raise ValueError(f"the linear probe needs 2 images or more to hold one out, got {len(y)}")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(device)
     n_held = min(len(y) - 1, max(1, round(holdout * len(y))))
     held, fit = order[:n_held], order[n_held:]
@@ -437,7 +439,10 @@ def main(argv=None):
                                                        device=device, zero_shot=build)
     if build:
         if args.init == "lp":
-            probe = fit_linear_probe(classifier, *probe_features(classifier, folder, preprocess, args, device))
+            try:
+                probe = fit_linear_probe(classifier, *probe_features(classifier, folder, preprocess, args, device))
+            except ValueError as e:
+                raise SystemExit(f"train.py: error: --init lp: {e}")
             zs, lp = probe["zero_shot"], probe["probe"]
             print(f"linear probe: l2 {probe['l2']:g} chosen on {probe['heldout_images']} held-out images; held-out "
                   f"accuracy {lp['heldout_accuracy']:.2f}% (zero-shot head {zs['heldout_accuracy']:.2f}%), "

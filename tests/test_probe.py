@@ -106,3 +106,9 @@ def test_chunked_loss_is_the_full_batch_loss():
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert train._head_scores(*whole, features, labels, chunk=7) == pytest.approx(train._head_scores(*whole, features, labels))
+
+
+def test_one_image_is_too_few_to_hold_one_out():
+    classifier = zero_shot_classifier(F.normalize(torch.randn(3, 4), dim=-1), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs 2 images or more to hold one out, got 1"):
+        train.fit_linear_probe(classifier, torch.ones(1, 5), torch.zeros(1, dtype=torch.long))

@@ -257,7 +257,8 @@ def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0
     The penalty l2 is chosen on a held-out `holdout` fraction of the features (a fixed split:
     w0 must not depend on --seed): the best held-out accuracy wins, then the lower held-out loss.
     The head is then refitted on all features with that l2. The logit scale stays inside W, as in
-    the zero-shot head; the report gives both heads' held-out accuracy and mean row norm.
+    the zero-shot head. The report gives both heads' mean row norm and held-out accuracy (the
+    probe's from its fit without the held-out images) and every trial of the grid.
     """
     head = classifier.classification_head
     device = head.weight.device
@@ -267,12 +268,12 @@ def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0
         raise ValueError(f"the linear probe needs 2 images or more to hold one out, got {len(y)}")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(device)
     n_held = min(len(y) - 1, max(1, round(holdout * len(y))))
-    held, fit = order[:n_held], order[n_held:]
-    zero_shot_accuracy, _ = _head_scores(w0, b0, x[held], y[held])
+    (x_held, y_held), (x_fit, y_fit) = [(x[part], y[part]) for part in (order[:n_held], order[n_held:])]
+    zero_shot_accuracy, _ = _head_scores(w0, b0, x_held, y_held)
     trials = []
     for l2 in grid:
-        w, b = _fit_head(w0, b0, x[fit], y[fit], l2, iterations)
-        accuracy, loss = _head_scores(w, b, x[held], y[held])
+        w, b = _fit_head(w0, b0, x_fit, y_fit, l2, iterations)
+        accuracy, loss = _head_scores(w, b, x_held, y_held)
         trials.append({"l2": l2, "heldout_accuracy": accuracy, "heldout_loss": loss})
     best = max(trials, key=lambda r: (r["heldout_accuracy"], -r["heldout_loss"]))
     w, b = _fit_head(w0, b0, x, y, best["l2"], iterations)

@@ -11,6 +11,7 @@ model in memory. Also the checkpoint I/O of train.py, evaluate.py and demo.py.
     python merge_checkpoints.py base/ ft1/ ft2/ --inspect --json layers.json
 """
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -61,7 +62,7 @@ class Checkpoint:
     """
 
     def __init__(self, path):
-        self.path, self.specs, self._where, self._open = str(path), {}, {}, {}
+        self.path, self.specs, self._where, self._open, self._ranges = str(path), {}, {}, {}, {}
         if os.path.isdir(path):
             self._read_folder(Path(path))
         elif str(path).endswith(".safetensors"):
@@ -105,10 +106,15 @@ class Checkpoint:
         except Exception as e:
             raise ValueError(f"{file}: cannot be loaded ({_reason(e)}); expected a "
                              f".safetensors file") from None
+        with open(file, "rb") as f:  # where each tensor's bytes lie, for prefetch
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
         for name, (shape, dtype) in specs.items():
             if dtype not in DTYPES:
                 raise ValueError(f"{file}: key {name!r} has dtype {dtype}, which is not supported")
             self._add(name, shape, DTYPES[dtype], (file, name))
+            begin, end = header[name]["data_offsets"]
+            self._ranges[name.removeprefix("module.")] = (file, 8 + size + begin, end - begin)
         return names
 
     def _read_torch(self, path):
@@ -137,6 +143,16 @@ class Checkpoint:
         if key in self.specs:
             raise ValueError(f"{self.path}: key {key!r} appears twice")
         self.specs[key], self._where[key] = (shape, dtype), where
+
+    def prefetch(self, key):
+        """Asks the kernel to start reading a tensor's bytes from disk (it is needed next)."""
+        if key in self._ranges and hasattr(os, "posix_fadvise"):
+            file, start, length = self._ranges[key]
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def get(self, key):
         where = self._where[key]
@@ -216,10 +232,15 @@ def _atomically(path, folder):
             os.remove(tmp)
 
 
+def write_order(specs):
+    """The order of the tensors in a safetensors file: widest dtype first, so all are aligned."""
+    return sorted(specs, key=lambda k: -specs[k][1].itemsize)
+
+
 def write_safetensors(file, specs, tensor_of):
     """Writes a .safetensors file without holding it in memory: the header first (every shape
     and dtype is known), then each tensor's bytes as tensor_of(key) produces them."""
-    keys = sorted(specs, key=lambda k: -specs[k][1].itemsize)  # widest first: all aligned
+    keys = write_order(specs)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key in keys:
         shape, dtype = specs[key]
@@ -236,6 +257,7 @@ def write_safetensors(file, specs, tensor_of):
                 raise ValueError(f"key {key!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
                                  f"planned {specs[key][0]} {specs[key][1]}")
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor  # before the next one is computed: one output tensor in memory at a time
 
 
 def plan_shards(specs, max_shard_size):
@@ -329,8 +351,17 @@ def merge_checkpoints(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda 
     """
     check_mergeable(w0, ws)
     rows, workspace = {}, {}  # workspace: one buffer of N x the largest tensor, reused
+    specs = {k: (shape, ws[0].specs[k][1]) for k, (shape, _) in w0.specs.items()}  # ws[0]'s dtypes
+    # The order the writer asks for tensors in, so that the next one is read while this one merges.
+    kind = output_kind(output) if output else None
+    shards = plan_shards(specs, max_shard_size) if kind == "folder" else [list(specs)]
+    order = [k for keys in shards for k in (write_order({k: specs[k] for k in keys}) if kind else keys)]
+    following = dict(zip(order, order[1:]))
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # prefetch off the main thread
 
     def merged(key):
+        for checkpoint in (w0, *ws):
+            reader.submit(checkpoint.prefetch, following.get(key))
         v0, vs = w0.get(key), [w.get(key) for w in ws]
         if not v0.is_floating_point():
             return vs[0]  # integer and bool tensors are copied from ws[0], as merge does
@@ -340,12 +371,14 @@ def merge_checkpoints(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda 
         rows[key] = table_row(key, v0.shape, t.item(), gram)
         return w_h
 
-    specs = {k: (shape, ws[0].specs[k][1]) for k, (shape, _) in w0.specs.items()}  # ws[0]'s dtypes
-    if output:
-        write_checkpoint(output, specs, merged, max_shard_size, log, extra_files)
-    else:
-        for key in specs:
-            merged(key)
+    try:
+        if output:
+            write_checkpoint(output, specs, merged, max_shard_size, log, extra_files)
+        else:
+            for key in specs:
+                merged(key)
+    finally:
+        reader.shutdown(cancel_futures=True)
     return [rows[k] for k in specs if k in rows]
 
 

@@ -12,6 +12,17 @@ where cos is the mean cosine between the task vectors. derivation.md derives it.
 import torch
 
 
+CHUNK = 1 << 18  # elements: 1 MB of fp32, a piece that stays in the CPU cache between steps
+
+
+def _chunks(*tensors):
+    """Matching pieces of flat tensors, for the elementwise steps. On CPU a mixed-dtype op
+    makes temporaries of one piece, not of the whole tensor, and each piece is still in
+    cache for the next step; a GPU needs neither. Elementwise: the result is the same."""
+    size = CHUNK if tensors[0].device.type == "cpu" else max(1, tensors[0].numel())
+    return zip(*(t.split(size) for t in tensors))
+
+
 def _task_vectors(w0, ws, workspace=None):
     """Stacks the flattened d_i = w_i - w0 as rows of an (N, numel) matrix in fp32 or wider.
 
@@ -19,18 +30,19 @@ def _task_vectors(w0, ws, workspace=None):
     allocation of N copies of a large tensor per key costs more than the math on CPU.
     """
     acc = torch.promote_types(torch.promote_types(w0.dtype, ws[0].dtype), torch.float32)
-    # bf16/fp16 -> fp32, fp64 stays fp64; always a copy, as _merge_tensor adds to it in place.
-    v0 = w0.reshape(-1).to(ws[0].device, acc, copy=True)
+    v0 = w0.reshape(-1).to(ws[0].device)  # in w0's own dtype: no fp32 copy of the whole tensor
     workspace = {} if workspace is None else workspace
     buf = workspace.get((v0.device, acc))
     if buf is None or buf.numel() < len(ws) * v0.numel():
         buf = workspace[(v0.device, acc)] = torch.empty(len(ws) * v0.numel(), dtype=acc, device=v0.device)
     d = buf[: len(ws) * v0.numel()].view(len(ws), -1)
-    for i, w in enumerate(ws):
-        # The subtraction itself runs in `acc`: bf16 - bf16 rounded in bf16 loses d.
-        # copy_ converts in place (exactly): no temporary fp32 copy of w on top of d.
-        d[i].copy_(w.reshape(-1).to(v0.device)).sub_(v0)
-    return v0, d
+    flat = [w.reshape(-1).to(v0.device) for w in ws]
+    for v0_c, *pieces in _chunks(v0, *flat, *d):
+        # The subtraction runs in `acc`: bf16 - bf16 rounded in bf16 loses d.
+        v0_c = v0_c.to(acc)  # converted once per piece, used by all N rows
+        for w_c, d_c in zip(pieces[: len(ws)], pieces[len(ws):]):
+            d_c.copy_(w_c).sub_(v0_c)  # copy_ converts w exactly, with no temporary
+    return d
 
 
 def _mean_cos(gram):
@@ -49,7 +61,7 @@ def cosine(w0, ws):
     """Mean pairwise cosine between the task vectors of one tensor, in [-1, 1]."""
     if len(ws) < 2:
         raise ValueError(f"a cosine needs at least 2 fine-tuned tensors, got {len(ws)}")
-    _, d = _task_vectors(w0, ws)
+    d = _task_vectors(w0, ws)
     return _mean_cos(d @ d.T).item()
 
 
@@ -67,12 +79,18 @@ def _merge_tensor(w0, ws, workspace=None):
     """w_h = w0 + t * mean(d) for one floating tensor: merge's per-key step, which
     merge_checkpoints.py reuses on streamed files. Returns (w_h, t, gram) with t a 0-dim
     tensor and gram the (N, N) matrix of d_i . d_j (|d_i|^2 on its diagonal)."""
-    v0, d = _task_vectors(w0, ws, workspace)
+    d = _task_vectors(w0, ws, workspace)
     gram = d @ d.T
     t = ratio(_mean_cos(gram), len(ws))
-    # One pass, in place in v0's fresh copy: v0 + d^T (t/N, ..., t/N) = w0 + t * mean_i(d_i).
-    w_h = v0.addmv_(d.T, (t / len(ws)).expand(len(ws)))
-    return w_h.to(ws[0].dtype).view(ws[0].shape), t, gram
+    scale = t / len(ws)
+    w_h = torch.empty(ws[0].shape, dtype=ws[0].dtype, device=ws[0].device)
+    for out_c, w0_c, *d_c in _chunks(w_h.view(-1), w0.reshape(-1).to(w_h.device), *d):
+        step = d_c[0]  # t * mean_i(d_i), summed in place in the workspace: no new buffer
+        for d_i in d_c[1:]:
+            step.add_(d_i)
+        # w0 + step computed in `acc`, rounded once into the output's dtype.
+        torch.add(w0_c, step.mul_(scale), out=out_c)
+    return w_h, t, gram
 
 
 def _check(w0, ws):

@@ -50,6 +50,7 @@ def _reason(error):
 
 
 def _natural(key):
+    """Sort key that puts layers.2 before layers.10."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
 
 
@@ -341,8 +342,8 @@ def _raise_non_finite(key, checkpoints, tensors):
     raise ValueError(f"key {key!r}: task-vector dot products overflow the accumulation dtype")
 
 
-def merge_checkpoints(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda line: None,
-                      extra_files=()):
+def merge_streamed(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda line: None,
+                   extra_files=()):
     """Model Stock of the Checkpoints ws around w0, key by key, written to output if given.
 
     Equals model_stock.merge bit for bit on the same tensors. Each tensor is read once, merged
@@ -508,7 +509,7 @@ def main(argv=None):
         for i, p in enumerate(args.finetuned):
             print(f"ws[{i}]: {p}")
         extra = non_weight_files(args.finetuned[0]) if output and output_kind(output) == "folder" else []
-        rows = merge_checkpoints(w0, ws, output, args.max_shard_size, print, extra)
+        rows = merge_streamed(w0, ws, output, args.max_shard_size, print, extra)
     except (ValueError, OSError) as e:
         sys.exit(f"merge_checkpoints.py: error: {e}")
     # 3. The table, and what was written.

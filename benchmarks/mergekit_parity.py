@@ -76,7 +76,7 @@ def compare(mergekit_yaml, root):
     paths = write_models(root)
     run_mergekit(mergekit_yaml, paths, root / "mergekit_out")
     checkpoints = [merge_checkpoints.Checkpoint(p) for p in paths]
-    table = merge_checkpoints.merge_checkpoints(checkpoints[0], checkpoints[1:], root / "ours")
+    table = merge_checkpoints.merge_streamed(checkpoints[0], checkpoints[1:], root / "ours")
     theirs = merge_checkpoints.load_state_dict(root / "mergekit_out")
     ours = merge_checkpoints.load_state_dict(root / "ours")
     rows = [(r["key"], r["cos"], (theirs[r["key"]].float() - ours[r["key"]].float()).abs().max().item())

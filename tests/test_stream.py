@@ -231,8 +231,8 @@ def test_clip_keys_get_their_kinds():
 
 def test_a_long_table_shows_summaries_only(models, capsys):
     paths, _, _ = models
-    rows = merge_checkpoints.merge_checkpoints(*map(merge_checkpoints.Checkpoint, paths[:1]),
-                                               [merge_checkpoints.Checkpoint(p) for p in paths[1:]])
+    w0, *ws = map(merge_checkpoints.Checkpoint, paths)
+    rows = merge_checkpoints.merge_streamed(w0, ws)
     merge_checkpoints.print_table(rows, [], 3, max_rows=5)
     text = capsys.readouterr().out
     assert text.startswith(f"{len(rows)} floating tensors: per-tensor rows not shown (--json FILE writes them)")

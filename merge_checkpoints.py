@@ -216,13 +216,15 @@ def _atomically(path, folder):
         yield tmp
         # mkstemp/mkdtemp create 0600/0700: give the output the mode a plain open() would.
         os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
-        if folder or os.path.isdir(path):  # a folder cannot be replaced in one rename
-            old = None
-            if os.path.lexists(path):
-                old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
-                os.replace(path, os.path.join(old, name))
-            os.replace(tmp, path)
-            if old:
+        if folder and os.path.lexists(path):  # a folder cannot be replaced in one rename
+            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
+            os.replace(path, os.path.join(old, name))
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(os.path.join(old, name), path)  # put the old one back
+                raise
+            finally:
                 shutil.rmtree(old)
         else:
             os.replace(tmp, path)
@@ -231,6 +233,10 @@ def _atomically(path, folder):
             shutil.rmtree(tmp)
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def holds_model(folder):
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (SINGLE, INDEX))
 
 
 def write_order(specs):
@@ -295,6 +301,11 @@ def write_checkpoint(path, specs, tensor_of, max_shard_size=5 * 10**9, log=lambd
     atomically; a folder also gets copies of extra_files. Only a .pt/.pth output is gathered
     in memory first (torch.save needs it whole)."""
     kind = output_kind(path)
+    if kind == "folder" and os.path.isdir(path) and not holds_model(path):
+        raise ValueError(f"{path} is a folder without a Hugging Face model; refusing to replace it")
+    if kind != "folder" and os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; expected a file name, or a folder name for a "
+                         f"Hugging Face layout")
     with _atomically(path, folder=kind == "folder") as tmp:
         if kind == "folder":
             write_folder(tmp, specs, tensor_of, max_shard_size, log)
@@ -477,8 +488,12 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help=f"also write every row of the table to FILE "
                         f"(the screen shows only summaries above {MAX_ROWS} tensors)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--threads", type=int, help="CPU threads for the math (default: torch's, one "
+                        "per core); on a machine shared with other jobs, 1 is often faster")
     args = parser.parse_args(argv)
     # 1. Every argument checked before any work.
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: expected 1 or more")
     if len(args.finetuned) < 2:
         parser.error(f"Model Stock needs at least 2 fine-tuned models, got {len(args.finetuned)}")
     if not args.inspect and not args.output:
@@ -496,13 +511,15 @@ def main(argv=None):
                          f"Hugging Face layout")
         if os.path.lexists(output) and not args.force:
             parser.error(f"{output} exists; pass --force to overwrite it")
-        if os.path.isdir(output) and not any(os.path.isfile(os.path.join(output, f)) for f in (SINGLE, INDEX)):
+        if os.path.isdir(output) and not holds_model(output):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: its parent folder does not exist")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
         print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     # 2. Open every model (headers only), then merge key by key, writing as it goes.
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         w0 = Checkpoint(args.pretrained)
         ws = [Checkpoint(p) for p in args.finetuned]

@@ -131,17 +131,15 @@ def main():
     parser.add_argument("--size-gb", type=float, default=1.5, help="size of each model in bf16 (GB = 1e9 bytes)")
     parser.add_argument("--finetuned", type=int, default=2, help="fine-tuned models merged with the base")
     parser.add_argument("--max-shard-size", default="1GB", help="output shard size (merge_checkpoints.py's flag)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="merge_checkpoints.py --threads (default: torch's choice)")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the checkpoints are written, then deleted")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shapes = llama_shapes(args.size_gb * 1e9)
     model_bytes = sum(2 * math.prod(s) for s in shapes.values())
     largest = max(2 * math.prod(s) for s in shapes.values())
     work = Path(tempfile.mkdtemp(prefix="stream_merge.", dir=args.workdir))
     try:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} cores "
+        print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads on {os.cpu_count()} cores "
               f"(load average {os.getloadavg()[0]:.1f}); {len(shapes)} tensors, "
               f"{model_bytes / 1e9:.2f} GB per model in bf16, largest tensor {largest / 1e6:.0f} MB")
         start = time.perf_counter()
@@ -162,6 +160,7 @@ def main():
         memory = {}
         base = rss_anon()
         argv = [str(p) for p in inputs] + ["-o", str(work / "merged"), "--max-shard-size", args.max_shard_size]
+        argv += ["--threads", str(args.threads)] if args.threads else []
         with peak_rss_anon(memory), contextlib.redirect_stdout(io.StringIO()) as log:
             start, cpu = time.perf_counter(), time.process_time()
             merge_checkpoints.main(argv)

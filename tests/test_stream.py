@@ -259,3 +259,13 @@ def test_save_state_dict_by_suffix(tmp_path):
         assert list(loaded) == list(state) or name.endswith(".safetensors") or name == "a_folder"
         assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.pth", "a.safetensors", "a_folder"]
+
+
+def test_save_state_dict_never_replaces_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="is a folder without a Hugging Face model; refusing to replace it"):
+        merge_checkpoints.save_state_dict(llama_like(5), tmp_path)
+    (tmp_path / "x.safetensors").mkdir()
+    with pytest.raises(ValueError, match="x.safetensors is a folder; expected a file name"):
+        merge_checkpoints.save_state_dict(llama_like(5), tmp_path / "x.safetensors")
+    assert (tmp_path / "notes.txt").read_text() == "precious" and (tmp_path / "x.safetensors").is_dir()

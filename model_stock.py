@@ -16,11 +16,12 @@ CHUNK = 1 << 20  # elements: 4 MB of fp32, a piece that stays in the CPU cache b
 
 
 def _chunks(*tensors):
-    """Matching pieces of flat tensors, for the elementwise steps. On CPU a mixed-dtype op
-    makes temporaries of one piece, not of the whole tensor, and each piece is still in
-    cache for the next step; a GPU needs neither. Elementwise: the result is the same."""
-    size = CHUNK if tensors[0].device.type == "cpu" else max(1, tensors[0].numel())
-    return zip(*(t.split(size) for t in tensors))
+    """Matching pieces of flat tensors, for the elementwise steps: on CPU a mixed-dtype op
+    (bf16 weights, fp32 math) makes temporaries of one piece, not of the whole tensor, and
+    each piece is still in cache for the next step. One dtype, or a GPU: a single piece.
+    Elementwise steps, so the result is the same either way."""
+    mixed = tensors[0].device.type == "cpu" and len({t.dtype for t in tensors}) > 1
+    return zip(*(t.split(CHUNK if mixed else max(1, t.numel())) for t in tensors))
 
 
 def _task_vectors(w0, ws, workspace=None):

@@ -367,7 +367,8 @@ def merge_streamed(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda lin
     # The order the writer asks for tensors in, so that the next one is read while this one merges.
     kind = output_kind(output) if output else None
     shards = plan_shards(specs, max_shard_size) if kind == "folder" else [list(specs)]
-    order = [k for keys in shards for k in (write_order({k: specs[k] for k in keys}) if kind else keys)]
+    safetensors = kind in ("folder", "safetensors")
+    order = [k for keys in shards for k in (write_order({k: specs[k] for k in keys}) if safetensors else keys)]
     following = dict(zip(order, order[1:]))
     reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # prefetch off the main thread
 

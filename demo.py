@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate
+import merge_checkpoints
 import model_stock
 import train
 
@@ -201,7 +202,7 @@ def pretrain(config, cache_dir, steps, batch_size=256, lr=2e-3, pool=120):
         loss.backward()
         opt.step()
     weights.parent.mkdir(parents=True, exist_ok=True)
-    model_stock.save_state_dict(model.state_dict(), weights)
+    merge_checkpoints.save_state_dict(model.state_dict(), weights)
     print(f"pre-trained tiny CLIP saved to {weights}")
     return weights
 
@@ -315,8 +316,8 @@ def main(argv=None):
     stock = finetune(work / "stock", work / "data", config, weights, cache, args,
                      ["--num-models", "2", "--merge-every", "epoch"])
     finetune_s = time.perf_counter() - t0
-    w0 = model_stock.load_state_dict(ind / "w0.safetensors")
-    fts = [model_stock.load_state_dict(ind / f"model_{i}.safetensors") for i in range(args.models)]
+    w0 = merge_checkpoints.load_state_dict(ind / "w0.safetensors")
+    fts = [merge_checkpoints.load_state_dict(ind / f"model_{i}.safetensors") for i in range(args.models)]
 
     # 3. The rows of the table, each a state dict of the same classifier.
     posthoc, _ = model_stock.merge(w0, fts[:2])
@@ -324,7 +325,7 @@ def main(argv=None):
             "uniform average (2 FT)": {k: (a + b) / 2 if a.is_floating_point() else a
                                        for (k, a), b in zip(fts[0].items(), fts[1].values())},
             "Model Stock, post-training": posthoc,
-            "Model Stock, periodic": model_stock.load_state_dict(stock / "final.safetensors"),
+            "Model Stock, periodic": merge_checkpoints.load_state_dict(stock / "final.safetensors"),
             "WiSE-FT (alpha 0.5)": evaluate.wise_ft(w0, fts[0], 0.5)}
     costs = {"zero-shot": 0, "vanilla FT": 1, "uniform average (2 FT)": 2, "Model Stock, post-training": 2,
              "Model Stock, periodic": 2, "WiSE-FT (alpha 0.5)": 1}

@@ -32,7 +32,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from tqdm import tqdm
 
-import model_stock
+import merge_checkpoints
 
 # ---------------------------------------------------------------------------- the classifier
 
@@ -77,7 +77,7 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device="cpu", cache=N
     head = clip.logit_scale.exp().item() * embeddings.T.float()
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        model_stock.save_state_dict({"weight": head}, cache)  # atomic: a kill leaves no half file
+        merge_checkpoints.save_state_dict({"weight": head}, cache)  # atomic: a kill leaves no half file
         print(f"cached the zero-shot head in {cache}")
     return head
 
@@ -135,10 +135,10 @@ def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", class
 
 
 def read_checkpoint(path):
-    """Classifier state dict from a .safetensors or .pt/.pth file (model_stock.load_state_dict:
+    """Classifier state dict from a .safetensors or .pt/.pth file (merge_checkpoints.load_state_dict:
     weights_only=True, a "state_dict" entry unwrapped, a "module." prefix stripped), without
     the text-tower tensors Model Soups checkpoints keep (model.token_embedding...)."""
-    state_dict = model_stock.load_state_dict(path)
+    state_dict = merge_checkpoints.load_state_dict(path)
     return {k: v for k, v in state_dict.items()
             if not k.startswith("model.") or k.startswith("model.visual.")}
 

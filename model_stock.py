@@ -7,9 +7,21 @@ where cos is the mean cosine between the task vectors. derivation.md derives it.
     import model_stock
     w_h, ts = model_stock.merge(w0, [w1, w2])            # state dicts in, state dict out
     ts = model_stock.merge_models_([model_a, model_b], w0)  # periodic merging, in place
-    python model_stock.py pretrained.pt ft1.pt ft2.pt -o merged.safetensors
+    python merge_checkpoints.py pretrained.pt ft1.pt ft2.pt -o merged.safetensors  # files
 """
 import torch
+
+
+CHUNK = 1 << 20  # elements: 4 MB of fp32, a piece that stays in the CPU cache between steps
+
+
+def _chunks(*tensors):
+    """Matching pieces of flat tensors, for the elementwise steps: on CPU a mixed-dtype op
+    (bf16 weights, fp32 math) makes temporaries of one piece, not of the whole tensor, and
+    each piece is still in cache for the next step. One dtype, or a GPU: a single piece.
+    Elementwise steps, so the result is the same either way."""
+    mixed = tensors[0].device.type == "cpu" and len({t.dtype for t in tensors}) > 1
+    return zip(*(t.split(CHUNK if mixed else max(1, t.numel())) for t in tensors))
 
 
 def _task_vectors(w0, ws, workspace=None):
@@ -19,16 +31,19 @@ def _task_vectors(w0, ws, workspace=None):
     allocation of N copies of a large tensor per key costs more than the math on CPU.
     """
     acc = torch.promote_types(torch.promote_types(w0.dtype, ws[0].dtype), torch.float32)
-    v0 = w0.reshape(-1).to(ws[0].device, acc)  # bf16/fp16 -> fp32; fp64 stays fp64
+    v0 = w0.reshape(-1).to(ws[0].device)  # in w0's own dtype: no fp32 copy of the whole tensor
     workspace = {} if workspace is None else workspace
     buf = workspace.get((v0.device, acc))
     if buf is None or buf.numel() < len(ws) * v0.numel():
         buf = workspace[(v0.device, acc)] = torch.empty(len(ws) * v0.numel(), dtype=acc, device=v0.device)
     d = buf[: len(ws) * v0.numel()].view(len(ws), -1)
-    for i, w in enumerate(ws):
-        # The subtraction itself runs in `acc`: bf16 - bf16 rounded in bf16 loses d.
-        torch.sub(w.reshape(-1).to(v0.device, acc), v0, out=d[i])
-    return v0, d
+    flat = [w.reshape(-1).to(v0.device) for w in ws]
+    for v0_c, *pieces in _chunks(v0, *flat, *d):
+        # The subtraction runs in `acc`: bf16 - bf16 rounded in bf16 loses d.
+        v0_c = v0_c.to(acc)  # converted once per piece, used by all N rows
+        for w_c, d_c in zip(pieces[: len(ws)], pieces[len(ws):]):
+            d_c.copy_(w_c).sub_(v0_c)  # copy_ converts w exactly, with no temporary
+    return d
 
 
 def _mean_cos(gram):
@@ -47,7 +62,7 @@ def cosine(w0, ws):
     """Mean pairwise cosine between the task vectors of one tensor, in [-1, 1]."""
     if len(ws) < 2:
         raise ValueError(f"a cosine needs at least 2 fine-tuned tensors, got {len(ws)}")
-    _, d = _task_vectors(w0, ws)
+    d = _task_vectors(w0, ws)
     return _mean_cos(d @ d.T).item()
 
 
@@ -62,12 +77,21 @@ def ratio(cos, n):
 
 
 def _merge_tensor(w0, ws, workspace=None):
-    """w_h = w0 + t * mean(d) for one floating tensor; returns (w_h, t as a 0-dim tensor)."""
-    v0, d = _task_vectors(w0, ws, workspace)
-    t = ratio(_mean_cos(d @ d.T), len(ws))
-    # One pass: v0 + d^T (t/N, ..., t/N) = w0 + t * mean_i(d_i).
-    w_h = torch.addmv(v0, d.T, (t / len(ws)).expand(len(ws)))
-    return w_h.to(ws[0].dtype).view(ws[0].shape), t
+    """w_h = w0 + t * mean(d) for one floating tensor: merge's per-key step, which
+    merge_checkpoints.py reuses on streamed files. Returns (w_h, t, gram) with t a 0-dim
+    tensor and gram the (N, N) matrix of d_i . d_j (|d_i|^2 on its diagonal)."""
+    d = _task_vectors(w0, ws, workspace)
+    gram = d @ d.T
+    t = ratio(_mean_cos(gram), len(ws))
+    scale = t / len(ws)
+    w_h = torch.empty(ws[0].shape, dtype=ws[0].dtype, device=ws[0].device)
+    for out_c, w0_c, *d_c in _chunks(w_h.view(-1), w0.reshape(-1).to(w_h.device), *d):
+        step = d_c[0]  # t * mean_i(d_i), summed in place in the workspace: no new buffer
+        for d_i in d_c[1:]:
+            step.add_(d_i)
+        # w0 + step computed in `acc`, rounded once into the output's dtype.
+        torch.add(w0_c, step.mul_(scale), out=out_c)
+    return w_h, t, gram
 
 
 def _check(w0, ws):
@@ -118,7 +142,7 @@ def merge(w0, ws):
     for key, v0 in w0.items():  # key by key: peak extra memory is a few copies of one tensor
         vs = [w[key] for w in ws]
         if v0.is_floating_point():
-            w_h[key], ts[key] = _merge_tensor(v0, vs, workspace)
+            w_h[key], ts[key], _ = _merge_tensor(v0, vs, workspace)
         else:
             w_h[key] = vs[0].clone()
     # One device-to-host copy for all t (no sync per key on CUDA); NaN t means bad input.
@@ -144,106 +168,3 @@ def merge_models_(models, w0):
         for key, value in w_h.items():
             state[key].copy_(value)
     return ts
-
-
-# ---- Command line: merge checkpoint files after training (the paper's Table 7 variant) ----
-
-def load_state_dict(path):
-    """A state dict from .safetensors, or from .pt/.pth with weights_only=True (no pickles)."""
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:  # weights_only: a TorchScript archive or an arbitrary pickle is refused
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{path}: cannot be loaded ({reason}); expected a .safetensors file or "
-                         f"a .pt/.pth state dict readable with weights_only=True") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (str -> Tensor), or a dict holding one "
-                         f"under 'state_dict'")
-    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def save_state_dict(state, path):
-    """Writes .safetensors (by suffix) or torch.save, via a temporary file and a rename, so a
-    crash never leaves half a file."""
-    import os
-    import tempfile
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    # A unique temporary name in the same folder: concurrent writers never share one.
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import save_file
-            save_file(state, tmp)
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def print_table(w0, ws, ts):
-    """Per tensor: mean cos, angle, t and |d_i|: the paper's Observation 1 and Appendix F."""
-    width = max([len(k) for k in ts] + [3])
-    print(f"{'key':<{width}} {'cos':>7} {'angle':>7} {'t':>6} " + " ".join(f"{f'|d{i}|':>9}" for i in range(len(ws))))
-    for key, t in ts.items():
-        _, d = _task_vectors(w0[key], [w[key] for w in ws])
-        cos = _mean_cos(d @ d.T).item()
-        angle = torch.tensor(cos).clamp(-1, 1).arccos().rad2deg().item()
-        norms = " ".join(f"{x:9.3g}" for x in d.norm(dim=1).tolist())
-        print(f"{key:<{width}} {cos:7.4f} {angle:7.2f} {t:6.3f} {norms}")
-    copied = [k for k in w0 if k not in ts]
-    if copied:
-        print(f"copied from ws[0] (integer/bool): {', '.join(copied)}")
-    # Appendix F: matrices (attention, MLP) lean on w0 more than biases, norms and the head.
-    for name, keep in [("matrices (ndim >= 2)", lambda k: w0[k].ndim >= 2),
-                       ("vectors (biases, norms)", lambda k: w0[k].ndim < 2)]:
-        sel = [t for k, t in ts.items() if keep(k)]
-        if sel:
-            print(f"mean t over {len(sel)} {name}: {sum(sel) / len(sel):.3f} (min {min(sel):.3f}, max {max(sel):.3f})")
-
-
-def main(argv=None):
-    import argparse
-    import os
-    import sys
-    parser = argparse.ArgumentParser(description="Merge fine-tuned checkpoints with Model Stock.")
-    parser.add_argument("pretrained", help="state dict of w0, the model every fine-tune started from")
-    parser.add_argument("finetuned", nargs="+", help="two or more fine-tuned state dicts (ws[0], ws[1], ...)")
-    parser.add_argument("-o", "--output", help="where to write the merged state dict (.safetensors or .pt)")
-    parser.add_argument("--inspect", action="store_true", help="print the per-layer table, write nothing")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    args = parser.parse_args(argv)
-    if not args.inspect and not args.output:
-        parser.error("give -o/--output, or --inspect to only print the table")
-    if args.output and not args.inspect:
-        if os.path.isdir(args.output) or not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            parser.error(f"-o {args.output}: expected a file name in an existing folder")
-        if os.path.exists(args.output) and not args.force:
-            parser.error(f"{args.output} exists; pass --force to overwrite it")
-    if len(set(map(os.path.abspath, args.finetuned))) < len(args.finetuned):
-        print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
-    try:
-        w0 = load_state_dict(args.pretrained)
-        ws = [load_state_dict(p) for p in args.finetuned]
-        for i, p in enumerate(args.finetuned):
-            print(f"ws[{i}]: {p}")
-        w_h, ts = merge(w0, ws)
-    except ValueError as e:
-        sys.exit(f"model_stock.py: error: {e}")
-    print_table(w0, ws, ts)
-    if not args.inspect:
-        save_state_dict(w_h, args.output)
-        print(f"wrote {args.output} ({len(w_h)} tensors)")
-
-
-if __name__ == "__main__":
-    main()

@@ -30,6 +30,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 import evaluate
+import merge_checkpoints
 import model_stock
 
 # Appendix G and §4.1; shared by both: AdamW, weight decay 0.1, batch 512, 500 warm-up steps.
@@ -209,7 +210,7 @@ def probe_features(classifier, folder, preprocess, args, device):
     features, labels = torch.cat(feats), torch.cat(labels)
     if args.pretrained:  # random weights (tests) are not worth caching
         cache.parent.mkdir(parents=True, exist_ok=True)
-        model_stock.save_state_dict({"features": features.half() if bf16 else features, "labels": labels}, cache)
+        merge_checkpoints.save_state_dict({"features": features.half() if bf16 else features, "labels": labels}, cache)
     return features, labels
 
 
@@ -449,7 +450,7 @@ def main(argv=None):
                   f"accuracy {lp['heldout_accuracy']:.2f}% (zero-shot head {zs['heldout_accuracy']:.2f}%), "
                   f"mean row norm {lp['row_norm']:.1f} (zero-shot head {zs['row_norm']:.1f})")
             log_line(out / "log.jsonl", {"event": "linear_probe", "step": 0, **probe})
-        model_stock.save_state_dict(classifier.state_dict(), out / "w0.safetensors")
+        merge_checkpoints.save_state_dict(classifier.state_dict(), out / "w0.safetensors")
     barrier()
     classifier.load_state_dict(evaluate.read_checkpoint(out / "w0.safetensors"))
     w0 = {k: v.detach().clone() for k, v in classifier.state_dict().items()}  # on the device: merges never leave it
@@ -525,16 +526,16 @@ def main(argv=None):
     # 6. The result: the last merge; or each model, for a post-hoc merge (Table 7) or vanilla fine-tuning.
     if rank == 0:
         if merge_period:
-            model_stock.save_state_dict(unwrap(models[0]).state_dict(), out / "final.safetensors")
+            merge_checkpoints.save_state_dict(unwrap(models[0]).state_dict(), out / "final.safetensors")
             print(f"wrote {out / 'final.safetensors'} (Model Stock, N = {args.num_models})")
         else:
             names = [out / f"model_{i}.safetensors" for i in range(args.num_models)]
             for model, name in zip(models, names):
-                model_stock.save_state_dict(unwrap(model).state_dict(), name)
+                merge_checkpoints.save_state_dict(unwrap(model).state_dict(), name)
             print(f"wrote {', '.join(map(str, names))}")
             if len(names) > 1:
-                print(f"merge them: python model_stock.py {out / 'w0.safetensors'} {' '.join(map(str, names))} "
-                      f"-o {out / 'merged.safetensors'}")
+                print(f"merge them: python {Path(merge_checkpoints.__file__).resolve()} {(out / 'w0.safetensors').resolve()} "
+                      f"{' '.join(str(n.resolve()) for n in names)} -o {(out / 'merged.safetensors').resolve()}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""The command line: python model_stock.py PRETRAINED FT1 FT2 [...] -o merged.safetensors."""
+"""The command line on files: python merge_checkpoints.py PRETRAINED FT1 FT2 [...] -o merged.safetensors."""
 import os
 import re
 import subprocess
@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import merge_checkpoints
 import model_stock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def checkpoints(tmp_path):
 def test_cli_merges_files_like_the_library(checkpoints, tmp_path, capsys):
     paths, w0, ws = checkpoints
     out = tmp_path / "merged.safetensors"
-    model_stock.main(paths + ["-o", str(out)])
+    merge_checkpoints.main(paths + ["-o", str(out)])
     merged = load_file(out)
     expected, ts = model_stock.merge(w0, ws)
     assert merged.keys() == expected.keys()
@@ -48,7 +49,7 @@ def test_cli_merges_files_like_the_library(checkpoints, tmp_path, capsys):
 def test_cli_writes_pt_too(checkpoints, tmp_path):
     paths, w0, ws = checkpoints
     out = tmp_path / "merged.pt"
-    model_stock.main(paths + ["-o", str(out)])
+    merge_checkpoints.main(paths + ["-o", str(out)])
     merged = torch.load(out, weights_only=True)
     expected, _ = model_stock.merge(w0, ws)
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
@@ -57,7 +58,7 @@ def test_cli_writes_pt_too(checkpoints, tmp_path):
 def test_inspect_prints_the_table_and_writes_nothing(checkpoints, tmp_path, capsys):
     paths, _, _ = checkpoints
     before = sorted(os.listdir(tmp_path))
-    model_stock.main(paths + ["--inspect"])
+    merge_checkpoints.main(paths + ["--inspect"])
     assert sorted(os.listdir(tmp_path)) == before
     header, *rows = capsys.readouterr().out.splitlines()[2:]
     assert header.split()[:4] == ["key", "cos", "angle", "t"] and "|d0|" in header and "|d1|" in header
@@ -69,24 +70,24 @@ def test_existing_output_is_not_overwritten_without_force(checkpoints, tmp_path,
     out = tmp_path / "merged.safetensors"
     out.write_bytes(b"precious")
     with pytest.raises(SystemExit):
-        model_stock.main(paths + ["-o", str(out)])
+        merge_checkpoints.main(paths + ["-o", str(out)])
     assert "exists; pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
-    model_stock.main(paths + ["-o", str(out), "--force"])
+    merge_checkpoints.main(paths + ["-o", str(out), "--force"])
     assert torch.equal(load_file(out)["head.bias"], model_stock.merge(w0, ws)[0]["head.bias"])
 
 
 @pytest.mark.parametrize("make_bad, message", [
     (lambda p: p.write_bytes(b"not a checkpoint"), "cannot be loaded"),
     (lambda p: torch.save({"weights": [1, 2, 3]}, p), r"expected a state dict \(str -> Tensor\)"),
-    (lambda p: torch.save({"x": torch.ones(2)}, p), r"ws\[1\] lacks key"),
+    (lambda p: torch.save({"x": torch.ones(2)}, p), r"bad.pt lacks key '(head.bias|visual.proj)' of the pre-trained model .*w0.safetensors"),
 ])
 def test_bad_files_give_one_clear_error(checkpoints, tmp_path, capsys, make_bad, message):
     paths, _, _ = checkpoints
     bad = tmp_path / "bad.pt"
     make_bad(bad)
     with pytest.raises(SystemExit) as exit_info:
-        model_stock.main([paths[0], paths[1], str(bad), "-o", str(tmp_path / "out.safetensors")])
+        merge_checkpoints.main([paths[0], paths[1], str(bad), "-o", str(tmp_path / "out.safetensors")])
     assert re.search(message, str(exit_info.value)), exit_info.value
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -94,10 +95,10 @@ def test_bad_files_give_one_clear_error(checkpoints, tmp_path, capsys, make_bad,
 def test_missing_file_and_missing_output_flag(checkpoints, tmp_path, capsys):
     paths, _, _ = checkpoints
     with pytest.raises(SystemExit) as exit_info:
-        model_stock.main([paths[0], paths[1], str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt")])
+        merge_checkpoints.main([paths[0], paths[1], str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt")])
     assert "nope.pt: cannot be loaded" in str(exit_info.value)
     with pytest.raises(SystemExit):
-        model_stock.main(paths)
+        merge_checkpoints.main(paths)
     assert "give -o/--output, or --inspect" in capsys.readouterr().err
 
 
@@ -107,13 +108,13 @@ def test_pickled_objects_are_refused(checkpoints, tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(2), "obj": torch.nn.Linear(2, 2)}, evil)
     with pytest.raises(ValueError, match="weights_only=True"):
-        model_stock.load_state_dict(evil)
+        merge_checkpoints.load_state_dict(evil)
 
 
 def test_runs_as_a_script(checkpoints, tmp_path):
     paths, _, _ = checkpoints
     out = tmp_path / "merged.safetensors"
-    result = subprocess.run([sys.executable, str(ROOT / "model_stock.py"), *paths, "-o", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "merge_checkpoints.py"), *paths, "-o", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.exists() and "mean t over" in result.stdout
@@ -121,14 +122,16 @@ def test_runs_as_a_script(checkpoints, tmp_path):
 
 def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
     paths, _, _ = checkpoints
-    for output in (tmp_path / "no_such_folder" / "m.safetensors", tmp_path):
+    for output, message in [(tmp_path / "no_such_folder" / "m.safetensors", "its parent folder does not exist"),
+                            (tmp_path / "merged.bin", "unknown output suffix '.bin'; expected .safetensors, .pt, .pth"),
+                            (tmp_path, "is a folder without a Hugging Face model; refusing to replace it")]:
         with pytest.raises(SystemExit):
-            model_stock.main(paths + ["-o", str(output), "--force"])
-        assert "expected a file name in an existing folder" in capsys.readouterr().err
-    assert not list(tmp_path.glob("*.tmp"))
+            merge_checkpoints.main(paths + ["-o", str(output), "--force"])
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1.pt", "ft2.pth", "w0.safetensors"]
 
 
 def test_the_same_file_twice_is_warned_about(checkpoints, capsys):
     paths, _, _ = checkpoints
-    model_stock.main([paths[0], paths[1], paths[1], "--inspect"])
+    merge_checkpoints.main([paths[0], paths[1], paths[1], "--inspect"])
     assert "the same fine-tuned file is given twice" in capsys.readouterr().out

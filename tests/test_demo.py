@@ -4,7 +4,7 @@ import json
 import pytest
 
 import demo
-from model_stock import load_state_dict
+from merge_checkpoints import load_state_dict
 
 
 def test_quick_demo_runs_every_row(tmp_path):

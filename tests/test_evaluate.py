@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import ToTensor
 
 import evaluate as ev
-import model_stock
+import merge_checkpoints
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*the reference has")  # tiny trees by design
 MAPPINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "objectnet-1.0-mappings"
@@ -191,7 +191,7 @@ def tiny_weights(tiny_clip_name, tmp_path_factory):
     """A tiny CLIP's weights as a local file, usable as --pretrained."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    model_stock.save_state_dict(open_clip.create_model(tiny_clip_name, pretrained=None).state_dict(), path)
+    merge_checkpoints.save_state_dict(open_clip.create_model(tiny_clip_name, pretrained=None).state_dict(), path)
     return str(path)
 
 
@@ -249,7 +249,7 @@ def test_plain_vit_b_32_with_openai_weights_gets_quickgelu(monkeypatch):
 def test_checkpoint_round_trip(tiny_clip_name, tmp_path, suffix):
     a, _ = ev.build_classifier(tiny_clip_name, None, ["x", "y", "z"], TEMPLATES, zero_shot=False)
     b, _ = ev.build_classifier(tiny_clip_name, None, ["x", "y", "z"], TEMPLATES)
-    model_stock.save_state_dict(b.state_dict(), tmp_path / f"b{suffix}")
+    merge_checkpoints.save_state_dict(b.state_dict(), tmp_path / f"b{suffix}")
     ev.load_checkpoint(a, tmp_path / f"b{suffix}")
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert next(iter(b.state_dict())).startswith("model.visual.")
@@ -269,7 +269,7 @@ def test_checkpoint_of_another_architecture_fails_in_one_line(tiny_clip_name, tm
     (tmp_path / "tiny-clip-wide.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "tiny-clip-wide.json")
     wide, _ = ev.build_classifier("tiny-clip-wide", None, ["x", "y"], TEMPLATES, zero_shot=False)
-    model_stock.save_state_dict(wide.state_dict(), tmp_path / "wide.safetensors")
+    merge_checkpoints.save_state_dict(wide.state_dict(), tmp_path / "wide.safetensors")
     tiny, _ = ev.build_classifier(tiny_clip_name, None, ["x", "y"], TEMPLATES, zero_shot=False)
     with pytest.raises(ValueError, match=r"wide.safetensors is not a checkpoint of this tiny-clip-test "
                                          r"classifier: model.visual.\S+ has shape") as error:
@@ -306,7 +306,7 @@ def test_command_line_zero_shot_checkpoint_and_wise_ft(tiny_clip_name, tiny_weig
     # A fine-tuned stand-in: the zero-shot classifier with a different head.
     classifier, _ = ev.build_classifier(tiny_clip_name, tiny_weights, ["cat", "dog", "red car"], TEMPLATES,
                                         cache_dir=tmp_path / "cache")
-    model_stock.save_state_dict(classifier.state_dict(), tmp_path / "ft.safetensors")
+    merge_checkpoints.save_state_dict(classifier.state_dict(), tmp_path / "ft.safetensors")
     runs = ev.main(common + ["--checkpoint", str(tmp_path / "ft.safetensors"), "--wise-ft", "0,1",
                              "--output", str(tmp_path / "wise.json")])
     saved = json.loads((tmp_path / "wise.json").read_text())

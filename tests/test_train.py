@@ -111,8 +111,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(train_dir, tmp_path, m
 
 
 def test_data_workers_do_not_change_the_result(train_dir, tmp_path):
-    a = run(train_dir, tmp_path / "w0", "--epochs", "1")
-    b = run(train_dir, tmp_path / "w2", "--epochs", "1", "--workers", "2")
+    """Two epochs: the same workers (persistent) serve the second epoch's new order and crops."""
+    a = run(train_dir, tmp_path / "w0")
+    b = run(train_dir, tmp_path / "w2", "--workers", "2")
     fa, fb = load_file(a / "final.safetensors"), load_file(b / "final.safetensors")
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 

@@ -242,7 +242,8 @@ def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(whole, train_dir
     same_run(whole, run(train_dir, tmp_path / "killed", *KILL_EXTRA, "--resume"))
 
 
-def test_a_torn_log_line_and_stale_temporary_files_do_not_stop_a_resume(whole, train_dir, tmp_path, monkeypatch):
+def test_a_torn_log_line_and_stale_temporary_files_do_not_stop_a_resume(whole, train_dir, tmp_path, monkeypatch,
+                                                                      caplog):
     out = tmp_path / "killed"
     real_step = killed_at(5, monkeypatch)  # step 4 was checkpointed
     with pytest.raises(KeyboardInterrupt):
@@ -252,8 +253,10 @@ def test_a_torn_log_line_and_stale_temporary_files_do_not_stop_a_resume(whole, t
     (out / "checkpoint.pt.4242.tmp").write_bytes(b"\0" * 1000)  # and while checkpoint.pt or a model was
     (out / "final.safetensors.k2j_9x.tmp").write_bytes(b"\0" * 1000)
     monkeypatch.setattr(train, "train_step", real_step)
+    caplog.clear()
     same_run(whole, run(train_dir, out, *KILL_EXTRA, "--resume"))
     assert not list(out.glob("*.tmp"))
+    assert "initialized randomly" not in caplog.text  # the weights come from w0.safetensors
 
 
 class NanGradient(torch.autograd.Function):

@@ -145,6 +145,15 @@ def resolve_weights(model_name, pretrained):
     return pretrained
 
 
+def first_sentence(error, limit=200):
+    """An exception's gist for a one-line message: its first sentence, at most `limit` characters
+    (a first line ending in ':' is joined to the next: "Error(s) in loading state_dict: ...")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", classnames=None, templates=None,
                      cache_dir="~/.cache/model_stock", device="cpu", zero_shot=True, load_weights=True):
     """(classifier, preprocess) for any open_clip model name and pretrained tag or weights file.
@@ -169,7 +178,7 @@ def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", class
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained if load_weights else None, device=device, force_quick_gelu=quick_gelu)
     except Exception as error:  # a failed download, or weights of another architecture
-        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        reason = first_sentence(error)
         where = "a local weights file" if pretrained and os.path.isfile(pretrained) else f"the {pretrained!r} weights"
         raise ValueError(f"cannot build {model_name} with {where} ({type(error).__name__}: {reason}); expected "
                          f"open_clip CLIP weights of that model (a trained classifier goes to --checkpoint); "

@@ -148,6 +148,13 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  #
 MAX_UNREADABLE_IN_A_ROW = 64
 
 
+def unreadable_reason(path, error):
+    """Why PIL could not read an image file, in a few words."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "an empty file" if os.path.getsize(path) == 0 else "not an image format PIL can read"
+    return f"{type(error).__name__}: {str(error)[:120]}"
+
+
 class SeededImages(torch.utils.data.Dataset):
     """ImageFolder samples addressed by (index, seed): the transform runs under that seed.
 
@@ -171,7 +178,7 @@ class SeededImages(torch.utils.data.Dataset):
             try:
                 image = self.folder.loader(path)
             except UNREADABLE as error:
-                unreadable.append((path, f"{type(error).__name__}: {str(error)[:120]}"))
+                unreadable.append((path, unreadable_reason(path, error)))
                 continue
             seed_everything(seed)
             return self.transform(image), label, unreadable
@@ -469,8 +476,7 @@ def read_run_checkpoint(path, args, total_steps):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip archive, a file of another kind
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        fail(f"{path} is truncated or damaged ({reason}); delete it to resume from step 0, "
+        fail(f"{path} is truncated or damaged ({evaluate.first_sentence(error)}); delete it to resume from step 0, "
              f"or pass --overwrite to start afresh")
     if not isinstance(state, dict) or not {"step", "epoch_losses", "models", "optimizers"} <= state.keys():
         fail(f"{path} is not a train.py checkpoint; expected step, epoch_losses, models and optimizers")

@@ -41,6 +41,11 @@ RECIPES = {
 }
 
 
+def fail(message):
+    """The end of a run on a user's error: one line on stderr, exit status 1."""
+    raise SystemExit(f"train.py: error: {message}")
+
+
 # Flags that do not change the trained weights, so a resumed run may differ in them.
 # --skip-bad-images may be added: a run stops at the first unreadable image, before training on it.
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "workers", "save_every", "eval_every_epoch", "data_location", "eval_dir",
@@ -195,14 +200,18 @@ def collate(samples):
     return torch.stack(images), torch.tensor(labels), bad
 
 
-def check_readable(unreadable, args, log):
-    """Stops on the first unreadable training image unless --skip-bad-images, which logs each
-    one with `log(path, reason)` and goes on."""
+def check_readable(images, unreadable, args, log):
+    """Stops on the first unreadable training image of a batch unless --skip-bad-images, which
+    hands each one to `log(path, reason)` and goes on; images None (no readable image in a
+    row of MAX_UNREADABLE_IN_A_ROW) stops the run in any case."""
     for path, reason in unreadable:
         if not args.skip_bad_images:
-            raise SystemExit(f"train.py: error: training image {path} cannot be read ({reason}); replace it "
-                             f"and continue with --resume, or add --skip-bad-images to train past unreadable images")
+            fail(f"training image {path} cannot be read ({reason}); replace it and continue with --resume, "
+                 f"or add --skip-bad-images to train past unreadable images")
         log(path, reason)
+    if images is None:
+        fail(f"{MAX_UNREADABLE_IN_A_ROW} training images in a row cannot be read (the first: {unreadable[0][0]}); "
+             f"expected readable images in --train-dir")
 
 
 def epoch_batches(n_images, model_seed, epoch, args, steps, rank=0, world=1, start=0):
@@ -251,10 +260,6 @@ def train_transform(classifier, args):
     return T.Compose(steps)
 
 
-def fail(message):
-    """The end of a run on a user's error: one line on stderr, exit status 1."""
-    raise SystemExit(f"train.py: error: {message}")
-
 
 def training_set(train_dir):
     """The image folder and its class names: ImageNet's for the 1000 wnids, else folder names.
@@ -264,11 +269,13 @@ def training_set(train_dir):
         names = evaluate.folder_classnames(root)
         folders = evaluate._class_folders(root)
         folder = evaluate.LabelledFolder(root, {f: i for i, f in enumerate(folders)})
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"train.py: error: --train-dir {e}")
+    except ValueError as e:  # its message starts with the folder
+        fail(f"--train-dir {e}")
+    except OSError as e:
+        fail(f"--train-dir {root}: {e.strerror}; expected a readable folder of class folders")
     if len(folders) < 2:
-        raise SystemExit(f"train.py: error: --train-dir {root} has one class folder ({folders[0]}); expected "
-                         f"one folder of images per class, at least 2 classes")
+        fail(f"--train-dir {root} has one class folder ({folders[0]}); expected one folder of images per class, "
+             f"at least 2 classes")
     if folders == evaluate.timm_list("imagenet_synsets"):
         names = list(open_clip.IMAGENET_CLASSNAMES)
     return folder, names
@@ -299,10 +306,7 @@ def probe_features(classifier, folder, preprocess, args, device):
                                          sampler=[(i, 0) for i in range(len(folder))], collate_fn=collate)
     feats, labels = [], []
     for images, y, unreadable in tqdm(loader, desc="linear probe: features"):
-        check_readable(unreadable, args, lambda path, reason: tqdm.write(f"linear probe: skipped {path} ({reason})"))
-        if images is None:
-            raise SystemExit(f"train.py: error: {MAX_UNREADABLE_IN_A_ROW} training images in a row cannot be read "
-                             f"(the first: {unreadable[0][0]}); expected readable images in --train-dir")
+        check_readable(images, unreadable, args, lambda path, reason: tqdm.write(f"linear probe: skipped {path} ({reason})"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(F.normalize(classifier.model.visual(images.to(device)).float(), dim=-1).cpu())
         labels.append(y)
@@ -553,10 +557,7 @@ def next_micro_batches(batches, args, device, skipped):
         micro.append([])
         for _ in range(args.accum_steps):
             images, labels, unreadable = next(batch)
-            check_readable(unreadable, args, lambda path, reason: skipped.append((i, path, reason)))
-            if images is None:
-                fail(f"{MAX_UNREADABLE_IN_A_ROW} training images in a row cannot be read (the first: "
-                     f"{unreadable[0][0]}); expected readable images in --train-dir")
+            check_readable(images, unreadable, args, lambda path, reason: skipped.append((i, path, reason)))
             micro[i].append((images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
     return micro
 

@@ -10,7 +10,6 @@ model_stock.merge_models_ against w0 (paper §3 "Periodic merging", Fig. 7).
     python train.py --num-models 1 --merge-every never ...                                # vanilla fine-tuning
     torchrun --nproc_per_node=8 train.py --train-dir ... --output-dir ...                 # more GPUs
 """
-import argparse
 import copy
 import datetime
 import hashlib
@@ -52,15 +51,8 @@ MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "workers", "save_every", "eval_ev
                         "cache_dir", "output_dir", "skip_bad_images"}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`train.py: error: ...`), not a usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(prog="train.py", description=__doc__.splitlines()[0])
+    p = evaluate.OneLineParser(prog="train.py", description=__doc__.splitlines()[0])  # errors: one line, no usage
     p.add_argument("--train-dir", default="~/data/imagenet/train", help="ImageFolder training set (one folder per class)")
     p.add_argument("--output-dir", required=True, help="checkpoints, w0, final model, log.jsonl, args.json")
     p.add_argument("--recipe", choices=RECIPES, default="stock", help="paper's 'Model Stock' or 'Model Stock*'; flags below override it")

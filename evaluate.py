@@ -13,6 +13,7 @@ scored top-1 on ImageNet, -V2, -Sketch, -R, ObjectNet and -A as the paper's Tabl
 import argparse
 import hashlib
 import json
+import logging
 import os
 import pkgutil
 import re
@@ -76,9 +77,12 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device="cpu", cache=N
         clip, tokenizer, classnames, templates, device=device, use_tqdm=True)  # (dim, classes)
     head = clip.logit_scale.exp().item() * embeddings.T.float()
     if cache:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        merge_checkpoints.save_state_dict({"weight": head}, cache)  # atomic: a kill leaves no half file
-        print(f"cached the zero-shot head in {cache}")
+        try:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            merge_checkpoints.save_state_dict({"weight": head}, cache)  # atomic: a kill leaves no half file
+            print(f"cached the zero-shot head in {cache}")
+        except OSError as error:  # the cache only saves time
+            print(f"could not cache the zero-shot head in {cache} ({error.strerror}); continuing")
     return head
 
 
@@ -100,25 +104,87 @@ def _head_cache_file(cache_dir, model_name, pretrained, classnames, templates):
     return Path(cache_dir) / f"{name}.safetensors"
 
 
+def resolve_model(model_name):
+    """An open_clip model name, or a config .json registered under its file name; ValueError
+    naming what was expected when it is neither."""
+    if model_name.endswith(".json"):
+        path = Path(model_name).expanduser()
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not valid JSON"
+            raise ValueError(f"--model {model_name}: cannot read it ({reason}); expected an open_clip "
+                             f"model config .json") from None
+        if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
+            raise ValueError(f"--model {model_name}: expected an open_clip model config with "
+                             f"embed_dim, vision_cfg and text_cfg")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"--model {model_name!r} is not an open_clip model name (e.g. ViT-B-32-quickgelu, "
+                         f"ViT-B-16, ViT-L-14; open_clip.list_models() lists them) nor a config .json")
+    return model_name
+
+
+def resolve_weights(model_name, pretrained):
+    """None for random weights ('none'), a local file as an absolute path, or a pretrained tag
+    of model_name; ValueError naming the choices otherwise. Nothing is downloaded here."""
+    if pretrained is None or pretrained.lower() == "none":
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path.resolve())
+    if path.exists() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ValueError(f"--pretrained {pretrained}: no such file; expected a weights file, a pretrained "
+                         f"tag or 'none'")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags and not model_name.startswith(("hf-hub:", "local-dir:")):
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags"
+        raise ValueError(f"--pretrained {pretrained!r} is neither a weights file nor a pretrained tag of "
+                         f"{model_name} ({known}); 'none' gives random weights")
+    return pretrained
+
+
+def first_sentence(error, limit=200):
+    """An exception's gist for a one-line message: its first sentence, at most `limit` characters
+    (a first line ending in ':' is joined to the next: "Error(s) in loading state_dict: ...")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", classnames=None, templates=None,
-                     cache_dir="~/.cache/model_stock", device="cpu", zero_shot=True):
+                     cache_dir="~/.cache/model_stock", device="cpu", zero_shot=True, load_weights=True):
     """(classifier, preprocess) for any open_clip model name and pretrained tag or weights file.
 
     The head is zero-shot from `classnames` x `templates` (ImageNet's 1000 names and the 80
     OpenAI templates by default) and cached in `cache_dir`; with zero_shot=False it is left
-    at zero, a skeleton for load_checkpoint. pretrained=None gives random weights (tests).
-    `preprocess` is the evaluation transform; `classifier.model.visual.preprocess_cfg` holds
-    its size, mean and std for building training transforms.
+    at zero, a skeleton for load_checkpoint. pretrained=None gives random weights (tests);
+    load_weights=False builds the architecture `pretrained` implies without loading (or
+    downloading) anything: a skeleton for a checkpoint. Weights that cannot be loaded or
+    downloaded are a one-line ValueError. `preprocess` is the evaluation transform;
+    `classifier.model.visual.preprocess_cfg` holds its size, mean and std for training.
     """
     classnames = list(classnames or open_clip.IMAGENET_CLASSNAMES)
     templates = list(templates or open_clip.OPENAI_IMAGENET_TEMPLATES)
     # OpenAI weights were trained with QuickGELU; open_clip's plain `ViT-B-32` would only warn.
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
     quick_gelu = bool(tag_cfg.get("quick_gelu"))
-    if quick_gelu and "quickgelu" not in model_name:
+    if quick_gelu and "quickgelu" not in model_name and load_weights:
         print(f"{model_name} with '{pretrained}' weights: using QuickGELU, as they were trained")
-    clip, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
+    logging.disable(logging.ERROR)  # open_clip logs what it then raises, and "initialized randomly"
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained if load_weights else None, device=device, force_quick_gelu=quick_gelu)
+    except Exception as error:  # a failed download, or weights of another architecture
+        reason = first_sentence(error)
+        where = "a local weights file" if pretrained and os.path.isfile(pretrained) else f"the {pretrained!r} weights"
+        raise ValueError(f"cannot build {model_name} with {where} ({type(error).__name__}: {reason}); expected "
+                         f"open_clip CLIP weights of that model (a trained classifier goes to --checkpoint); "
+                         f"offline, pass a local weights file") from None
+    finally:
+        logging.disable(logging.NOTSET)
     clip.eval()
     head = torch.zeros(len(classnames), clip.visual.output_dim)
     if zero_shot:
@@ -143,6 +209,15 @@ def read_checkpoint(path):
             if not k.startswith("model.") or k.startswith("model.visual.")}
 
 
+def state_dict_mismatch(expected, state_dict):
+    """The first difference between two state dicts' keys and shapes, in words; None if none."""
+    problem = next((f"key {k} is missing" for k in expected if k not in state_dict), None)
+    problem = problem or next((f"{k} has shape {tuple(state_dict[k].shape)}, the model "
+                               f"{tuple(v.shape)}" for k, v in expected.items()
+                               if state_dict[k].shape != v.shape), None)
+    return problem or next((f"unexpected key {k}" for k in state_dict if k not in expected), None)
+
+
 def load_checkpoint(classifier, checkpoint):
     """Loads a checkpoint file or state dict into `classifier` (strict); returns classifier.
 
@@ -150,15 +225,10 @@ def load_checkpoint(classifier, checkpoint):
     """
     source = checkpoint if isinstance(checkpoint, (str, Path)) else "state dict"
     state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    expected = classifier.state_dict()
-    problem = next((f"key {k} is missing" for k in expected if k not in state_dict), None)
-    problem = problem or next((f"{k} has shape {tuple(state_dict[k].shape)}, the model "
-                               f"{tuple(v.shape)}" for k, v in expected.items()
-                               if state_dict[k].shape != v.shape), None)
-    problem = problem or next((f"unexpected key {k}" for k in state_dict if k not in expected), None)
+    problem = state_dict_mismatch(classifier.state_dict(), state_dict)
     if problem:
         raise ValueError(f"{source} is not a checkpoint of this {classifier.arch} classifier: "
-                         f"{problem}")
+                         f"{problem}; pass the --model it was trained with")
     classifier.load_state_dict(state_dict, strict=True)
     return classifier
 
@@ -328,12 +398,15 @@ def folder_classnames(root):
     """Class names of an ImageFolder tree: sorted folder names, underscores to spaces."""
     folders = _class_folders(root) if Path(root).is_dir() else []
     if not folders:
-        raise ValueError(f"{root}: expected one folder of images per class, found none")
+        files = sorted(os.listdir(root))[:1] if Path(root).is_dir() else []
+        found = f"found files ({files[0]}, ...) but no folders" if files else "found none"
+        raise ValueError(f"{root}: expected one folder of images per class, {found}")
     return [f.replace("_", " ") for f in folders]
 
 
 def image_folder(root, transform):
     """A user's own ImageFolder tree as an EvalSet, labels in folder_classnames' order."""
+    folder_classnames(root)  # fails in our words on a folder without class folders
     folders = _class_folders(root)
     dataset = LabelledFolder(root, {f: i for i, f in enumerate(folders)}, transform)
     return EvalSet(Path(root).name, str(root), dataset)
@@ -387,15 +460,22 @@ def alpha_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {text!r}") from None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", nargs="*", default=[],
                    help="classifier state dicts (.safetensors/.pt); none: the zero-shot model")
     p.add_argument("--model", default="ViT-B-32-quickgelu",
-                   help="open_clip model name (paper: ViT-B-32-quickgelu; also ViT-B-16, ViT-L-14)")
+                   help="open_clip model name (paper: ViT-B-32-quickgelu; also ViT-B-16, ViT-L-14) or a config .json")
     p.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag, or a local .safetensors/.pt state dict; for OpenAI "
-                        "weights use the tag 'openai', not their TorchScript .pt")
+                   help="open_clip pretrained tag, a local .safetensors/.pt state dict, or 'none' (random); for "
+                        "OpenAI weights use the tag 'openai', not their TorchScript .pt")
     p.add_argument("--data-location", default="~/data", help="the folder holding the six datasets")
     p.add_argument("--data-dir", help="score your own ImageFolder tree instead; folders = class names")
     p.add_argument("--wise-ft", type=alpha_list, help="alphas, e.g. 0,0.2,0.4,0.6,0.8,1: evaluate (1-a)*zero-shot + "
@@ -409,8 +489,21 @@ def parse_args(argv=None):
     p.add_argument("--fp32", action="store_true",
                    help="no bf16 autocast on CUDA; the published numbers were computed in fp32")
     p.add_argument("--cache-dir", default="~/.cache/model_stock", help="zero-shot heads are cached here")
-    p.add_argument("--output", default="evaluation.json", help="results; the WiSE-FT plot goes beside")
-    return p.parse_args(argv)
+    p.add_argument("--output", default="evaluation.json", help="results (.json); the WiSE-FT plot goes beside")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    if Path(args.output).suffix != ".json":
+        p.error(f"--output {args.output}: expected a file name ending in .json")
+    try:
+        args.model = resolve_model(args.model)
+        args.pretrained = resolve_weights(args.model, args.pretrained)
+        device = torch.device(args.device)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: torch's word for a bad device string
+        p.error(str(error).splitlines()[0])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here; expected --device cpu")
+    return args
 
 
 def code_version():
@@ -427,7 +520,8 @@ def print_table(runs, names):
     """One row per dataset plus Avg. shifts, one column per evaluated model, top-1 in %."""
     width = max(14, *(len(run["label"]) + 2 for run in runs))
     print("\n" + f"{'top-1 (%)':<16}" + "".join(f"{run['label']:>{width}}" for run in runs))
-    for name in names + ["Avg. shifts"]:
+    shifts = any(run["avg_shifts"] is not None for run in runs)  # all five shifts were evaluated
+    for name in names + ["Avg. shifts"] * shifts:
         cells = [run["avg_shifts"] if name == "Avg. shifts" else run["datasets"][name]["top1"]
                  for run in runs]
         print(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.2f}':>{width}}" for c in cells))
@@ -435,15 +529,15 @@ def print_table(runs, names):
 
 def plot_wise_ft(runs, path):
     """ImageNet top-1 against Avg. shifts along alpha, one curve per checkpoint (paper Fig. 1)."""
+    if any(run["avg_shifts"] is None or "ImageNet" not in run["datasets"] for run in runs):
+        print("no WiSE-FT plot: it needs ImageNet and all five shifts; the numbers are in the JSON")
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("pip install matplotlib for the WiSE-FT plot; the numbers are in the JSON")
-        return
-    if any(run["avg_shifts"] is None or "ImageNet" not in run["datasets"] for run in runs):
-        print("no WiSE-FT plot: it needs ImageNet and all five shifts")
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for checkpoint in dict.fromkeys(run["checkpoint"] for run in runs):
@@ -481,8 +575,6 @@ def run(args):
         raise ValueError(f"--output {args.output}: its folder does not exist")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a folder; expected one folder of images per class")
-    for checkpoint in args.checkpoint:
-        read_checkpoint(checkpoint)  # unreadable files fail now, not after hours of evaluation
     print(json.dumps(vars(args), indent=1))
     device = torch.device(args.device)
 
@@ -497,16 +589,22 @@ def run(args):
         raise ValueError(f"no dataset found under {args.data_location}; see the README for the layout")
 
     # 3. The classifier: zero-shot head from ImageNet's or the --data-dir folders' class names.
+    #    Each checkpoint is read and checked against the architecture first, on a skeleton that
+    #    loads no weights: an unreadable file or another --model fails in seconds, before any
+    #    download or text encoding.
     #    A checkpoint replaces the head, so only the zero-shot model and WiSE-FT need it built.
     classnames = folder_classnames(args.data_dir) if args.data_dir else None
+    if args.checkpoint:
+        skeleton, _ = build_classifier(args.model, args.pretrained, classnames, zero_shot=False, load_weights=False)
+        for checkpoint in args.checkpoint:
+            load_checkpoint(skeleton, checkpoint)
+        del skeleton
     classifier, preprocess = build_classifier(
         args.model, args.pretrained, classnames, cache_dir=args.cache_dir, device=device,
         zero_shot=not args.checkpoint or bool(alphas))
     for eval_set in eval_sets:
         eval_set.dataset.transform = preprocess  # the model's resize, crop and normalisation
     w0 = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
-    for checkpoint in args.checkpoint:  # another architecture fails before any evaluation
-        load_checkpoint(classifier, checkpoint)
     if device.type == "cuda":
         classifier = classifier.to(memory_format=torch.channels_last)
 

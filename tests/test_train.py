@@ -111,8 +111,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(train_dir, tmp_path, m
 
 
 def test_data_workers_do_not_change_the_result(train_dir, tmp_path):
-    a = run(train_dir, tmp_path / "w0", "--epochs", "1")
-    b = run(train_dir, tmp_path / "w2", "--epochs", "1", "--workers", "2")
+    """Two epochs: the same workers (persistent) serve the second epoch's new order and crops."""
+    a = run(train_dir, tmp_path / "w0")
+    b = run(train_dir, tmp_path / "w2", "--workers", "2")
     fa, fb = load_file(a / "final.safetensors"), load_file(b / "final.safetensors")
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
@@ -132,7 +133,8 @@ def test_finished_run_without_checkpoint_is_not_wiped_by_resume(train_dir, tmp_p
     out = run(train_dir, tmp_path / "done", "--epochs", "1")
     (out / "checkpoint.pt").unlink()  # deleted to save space after training
     before = (out / "final.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="no checkpoint.pt to resume from; pass --resume to continue a run, --overwrite"):
+    with pytest.raises(SystemExit, match="holds a finished run .final.safetensors. and no checkpoint.pt to continue "
+                                         "from; pass --overwrite to replace it"):
         run(train_dir, out, "--epochs", "2", "--resume")
     assert (out / "final.safetensors").read_bytes() == before
 
@@ -211,7 +213,8 @@ def test_non_finite_loss_stops_naming_model_and_step(train_dir, tmp_path, monkey
         return loss * float("nan") if len(calls) == 10 else loss  # step 4, model 1
 
     monkeypatch.setattr(train, "loss_of", diverging)
-    with pytest.raises(SystemExit, match=r"model 1 has a non-finite loss \(nan\) at step 4; the last good checkpoint is .*checkpoint.pt"):
+    with pytest.raises(SystemExit, match=r"model 1 has a non-finite loss \(nan\) at step 4; nothing after step 3 was "
+                                         r"saved: the last good checkpoint is .*checkpoint.pt \(step 3\)"):
         run(train_dir, tmp_path / "run")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
 
@@ -238,10 +241,14 @@ def test_bad_folders_and_existing_runs(train_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue a run, --overwrite to start afresh"):
+    with pytest.raises(SystemExit, match=r"holds files train.py did not write \(notes.txt\); expected a new or empty "
+                                         r"folder, or a run's folder"):
         run(train_dir, out)
-    assert (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     run(train_dir, tmp_path / "done", "--epochs", "1")
+    with pytest.raises(SystemExit, match=r"done already holds a run \(checkpoint.pt\); pass --resume to continue it, "
+                                         r"--overwrite to replace it"):
+        run(train_dir, tmp_path / "done", "--epochs", "1")
     with pytest.raises(SystemExit, match=r"--resume with different --lr \(0.001 in the run, 0.01 now\)"):
         train.main(["--train-dir", str(train_dir), "--output-dir", str(tmp_path / "done"), "--model", CONFIG,
                     "--pretrained", "none", "--batch-size", "8", "--epochs", "1", "--warmup", "2", "--lr", "1e-2",

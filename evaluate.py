@@ -100,6 +100,16 @@ def _head_cache_file(cache_dir, model_name, pretrained, classnames, templates):
     return Path(cache_dir) / f"{name}.safetensors"
 
 
+@torch.no_grad()
+def _feature_dim(visual):
+    """Width of the image features; open_clip's timm towers (its ConvNeXt CLIPs) do not store it."""
+    if hasattr(visual, "output_dim"):
+        return visual.output_dim
+    size = visual.preprocess_cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return visual(torch.zeros(1, 3, *size, device=next(visual.parameters()).device)).shape[-1]
+
+
 def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", classnames=None, templates=None,
                      cache_dir="~/.cache/model_stock", device="cpu", zero_shot=True):
     """(classifier, preprocess) for any open_clip model name and pretrained tag or weights file.
@@ -120,7 +130,7 @@ def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", class
     clip, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
     clip.eval()
-    head = torch.zeros(len(classnames), clip.visual.output_dim)
+    head = torch.zeros(len(classnames), _feature_dim(clip.visual))
     if zero_shot:
         # Random weights (pretrained=None) are not cached: the head would belong to another init.
         cache = pretrained and _head_cache_file(

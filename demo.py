@@ -4,10 +4,10 @@ A tiny open_clip CLIP (a LayerNorm ConvNeXt image tower, like CLIP's LayerNorm-o
 is pre-trained contrastively on captioned shapes, mostly photos, then fine-tuned on photos
 with train.py's own loop and scored on five domains with evaluate.py's code: zero-shot,
 vanilla fine-tuning, a uniform average, Model Stock after and during training, and WiSE-FT,
-as the rows of the paper's Table 2. It first checks that the setting behaves like CLIP on
-ImageNet (the regime check), then reports the rows, whatever they show.
+as the rows of the paper's Table 2. It reports how much the setting behaves like CLIP on
+ImageNet (the regime check, which never looks at a merge row) and the rows, whatever they show.
 
-    python demo.py              # about 10 minutes on 2 CPU cores the first time, about 5 after
+    python demo.py              # pre-trains once (cached in --cache-dir), then fine-tunes and scores
     python demo.py --quick      # the mechanics in under a minute
     python demo.py --seed 1 --output demo_seed1.json
     python demo.py --summarize demo_seed*.json     # mean, spread and standard error over seeds

@@ -471,6 +471,13 @@ def summarize(paths):
     """Mean, spread (std over runs) and standard error of the mean of every figure of several
     demo JSON files, and the regime check on the means."""
     runs = load_runs(paths)
+    try:
+        return aggregate(runs)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a hand-edited or truncated file
+        fail(f"the files do not hold every figure demo.py writes ({type(e).__name__}: {e}); rerun demo.py for them")
+
+
+def aggregate(runs):
     k = len(runs)
     columns = list(DOMAINS.values()) + ["Avg. shifts", "distance to center"]
     print(f"{k} runs (seeds {', '.join(str(r['args']['seed']) for r in runs)}), {runs[0]['test_images']} test images "

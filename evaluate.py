@@ -154,6 +154,16 @@ def first_sentence(error, limit=200):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+@torch.no_grad()
+def _feature_dim(visual):
+    """Width of the image features; open_clip's timm towers (its ConvNeXt CLIPs) do not store it."""
+    if hasattr(visual, "output_dim"):
+        return visual.output_dim
+    size = visual.preprocess_cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return visual(torch.zeros(1, 3, *size, device=next(visual.parameters()).device)).shape[-1]
+
+
 def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", classnames=None, templates=None,
                      cache_dir="~/.cache/model_stock", device="cpu", zero_shot=True, load_weights=True):
     """(classifier, preprocess) for any open_clip model name and pretrained tag or weights file.
@@ -186,7 +196,7 @@ def build_classifier(model_name="ViT-B-32-quickgelu", pretrained="openai", class
     finally:
         logging.disable(logging.NOTSET)
     clip.eval()
-    head = torch.zeros(len(classnames), clip.visual.output_dim)
+    head = torch.zeros(len(classnames), _feature_dim(clip.visual))
     if zero_shot:
         # Random weights (pretrained=None) are not cached: the head would belong to another init.
         cache = pretrained and _head_cache_file(

@@ -388,10 +388,10 @@ def print_table(results, test_images):
     columns = list(DOMAINS.values()) + ["Avg. shifts", "|w - center|"]
     se = 100 * math.sqrt(0.25 / test_images)
     print(f"\ntop-1 (%) on {test_images} images per domain (standard error at most {se:.1f} per cell)")
-    print(f"{'':28}{'cost':>5}" + "".join(f"{c:>14}" for c in columns))
+    print(f"{'':28}{'cost':>5}" + "".join(f"{c:>16}" for c in columns))
     for name, r in results.items():
         cells = [r[c] for c in DOMAINS.values()] + [r["Avg. shifts"], r["distance to center"]]
-        print(f"{name:28}{r['cost']:>5}" + "".join(f"{c:>14.2f}" for c in cells))
+        print(f"{name:28}{r['cost']:>5}" + "".join(f"{c:>16.2f}" for c in cells))
 
 
 def print_geometry(geometry, merges, n_models, held_out):

@@ -474,8 +474,15 @@ def non_weight_files(path):
     return sorted(str(p) for p in Path(path).iterdir() if p.is_file() and not WEIGHT_FILE.fullmatch(p.name))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="merge_checkpoints.py", description="Merge fine-tuned "
+    parser = OneLineParser(prog="merge_checkpoints.py", description="Merge fine-tuned "
                                      "checkpoints with Model Stock, tensor by tensor.")
     parser.add_argument("pretrained", help="w0, the model every fine-tune started from: a "
                         ".safetensors or .pt/.pth file, or a Hugging Face folder")

@@ -120,6 +120,21 @@ def test_runs_as_a_script(checkpoints, tmp_path):
     assert out.exists() and "mean t over" in result.stdout
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "--threads 0: expected 1 or more"),
+    (["--threads", "x"], "argument --threads: invalid int value: 'x'"),
+    (["--max-shard-size", "abc"], "argument --max-shard-size: 'abc' is not a size; expected e.g. 5GB"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_argument_errors_are_one_line_without_the_usage_block(checkpoints, capsys, flags, message):
+    paths, _, _ = checkpoints
+    with pytest.raises(SystemExit) as exit_info:
+        merge_checkpoints.main(paths + ["--inspect", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("merge_checkpoints.py: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
 def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
     paths, _, _ = checkpoints
     for output, message in [(tmp_path / "no_such_folder" / "m.safetensors", "its parent folder does not exist"),

@@ -512,8 +512,11 @@ def main(argv=None):
             kind = output_kind(output)
         except ValueError as e:
             parser.error(str(e))
-        if not os.path.isdir(os.path.dirname(os.path.abspath(os.path.normpath(output)))):
+        parent = os.path.dirname(os.path.abspath(os.path.normpath(output)))
+        if not os.path.isdir(parent):
             parser.error(f"-o {output}: its parent folder does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            parser.error(f"-o {output}: cannot write in {parent} (permission denied); expected a writable folder")
         if kind != "folder" and os.path.isdir(output):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
                          f"Hugging Face layout")
@@ -521,8 +524,14 @@ def main(argv=None):
             parser.error(f"{output} exists; pass --force to overwrite it")
         if os.path.isdir(output) and not holds_model(output):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: its parent folder does not exist")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            parser.error(f"--json {args.json}: its parent folder does not exist")
+        if os.path.isdir(args.json):
+            parser.error(f"--json {args.json} is a folder; expected a file name")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            parser.error(f"--json {args.json}: cannot write in {parent} (permission denied); expected a writable folder")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
         print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     # 2. Open every model (headers only), then merge key by key, writing as it goes.

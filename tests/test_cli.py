@@ -146,6 +146,22 @@ def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1.pt", "ft2.pth", "w0.safetensors"]
 
 
+def test_unwritable_outputs_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch):
+    paths, _, _ = checkpoints
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["--inspect", "--json", str(tmp_path / "folder.json")])
+    assert f"--json {tmp_path / 'folder.json'} is a folder; expected a file name" in capsys.readouterr().err
+    monkeypatch.setattr(merge_checkpoints.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    for flags, name in [(["-o", str(tmp_path / "m.safetensors")], "-o"), (["--inspect", "--json", str(tmp_path / "t.json")], "--json")]:
+        with pytest.raises(SystemExit):
+            merge_checkpoints.main(paths + flags)
+        err = capsys.readouterr().err
+        assert f"merge_checkpoints.py: error: {name} {flags[-1]}: cannot write in {tmp_path} (permission denied); " \
+               f"expected a writable folder" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "ft1.pt", "ft2.pth", "w0.safetensors"]
+
+
 def test_the_same_file_twice_is_warned_about(checkpoints, capsys):
     paths, _, _ = checkpoints
     merge_checkpoints.main([paths[0], paths[1], paths[1], "--inspect"])

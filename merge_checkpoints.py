@@ -77,6 +77,8 @@ class Checkpoint:
         if (folder / INDEX).is_file():
             try:
                 weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("its weight_map is not a mapping of key names to shard file names")
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{folder / INDEX}: cannot be read ({_reason(e)}); expected "
                                  f"the JSON of a Hugging Face index with a 'weight_map'") from None

@@ -161,6 +161,10 @@ def _truncate(folder):
                            r"model.safetensors.index.json places there"),
     (_truncate, r"ft1/model-00003-of-000\d\d.safetensors: cannot be loaded \(.+\); expected a .safetensors file"),
     (lambda f: (f / "model.safetensors.index.json").write_text("{"), r"index.json: cannot be read"),
+    (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}'),
+     r"index.json: cannot be read \(its weight_map is not a mapping of key names to shard file names\)"),
+    (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": 5}}'),
+     r"index.json: cannot be read \(its weight_map is not a mapping of key names to shard file names\)"),
 ])
 def test_a_damaged_folder_is_one_error_naming_the_file(models, tmp_path, damage, message):
     paths, w0, ws = models

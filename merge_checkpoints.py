@@ -200,19 +200,43 @@ def _umask():
     return mask
 
 
+def _running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, run by another user
+        pass
+    return True
+
+
+def _remove_stale_temporaries(parent, name):
+    """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9)."""
+    for entry in os.listdir(parent):
+        match = re.fullmatch(rf"\.{re.escape(name)}\.(\d+)_\w+\.tmp", entry)
+        if match and not _running(int(match.group(1))):
+            stale = os.path.join(parent, entry)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+
+
 @contextlib.contextmanager
 def _atomically(path, folder):
     """Yields a temporary file or folder beside `path`, renamed onto it once the body succeeds.
 
-    A crash or an error in the body leaves `path` as it was and no temporary behind.
+    A crash or an error in the body leaves `path` as it was and no temporary behind; the
+    temporary of a process killed outright is removed by the next write of the same path.
     """
     path = os.path.normpath(path)
     parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    # A unique temporary name in the same folder: concurrent writers never share one.
+    _remove_stale_temporaries(parent, name)
+    # A unique temporary name in the same folder, with the writer's process id: concurrent
+    # writers never share one, and a later write knows whether its writer is still running.
+    prefix = f".{name}.{os.getpid()}_"
     if folder:
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
     else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
         os.close(fd)
     try:
         yield tmp

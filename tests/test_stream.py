@@ -125,6 +125,21 @@ def test_force_replaces_an_existing_folder_and_only_with_force(models, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
 
 
+def test_the_temporaries_of_a_killed_merge_are_removed_by_the_next_one(models, tmp_path, monkeypatch):
+    paths, _, _ = models
+    seen, write_folder = [], merge_checkpoints.write_folder  # a temporary is named by its writer's process id
+    monkeypatch.setattr(merge_checkpoints, "write_folder", lambda tmp, *rest: seen.append(tmp) or write_folder(tmp, *rest))
+    (tmp_path / ".merged.999999999_abcd1234.tmp").mkdir()  # left by writers killed with -9
+    (tmp_path / ".merged.safetensors.999999999_abcd1234.tmp").write_bytes(b"half a file")
+    running = tmp_path / f".merged.{os.getppid()}_abcd1234.tmp"  # a writer still running is left alone
+    running.mkdir()
+    merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged")])
+    merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged.safetensors")])
+    assert re.fullmatch(rf"\.merged\.{os.getpid()}_\w+\.tmp", os.path.basename(seen[0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "base", "ft1", "ft2", "ft3.safetensors",
+                                                          "merged", "merged.safetensors"]
+
+
 def test_nan_stops_the_merge_and_leaves_no_output(models, tmp_path):
     paths, w0, ws = models
     ws[2]["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")

@@ -303,8 +303,11 @@ def probe_features(classifier, folder, preprocess, args, device):
     cache = Path(args.cache_dir).expanduser() / f"lp_features_{key}.safetensors"
     if cache.exists():
         from safetensors.torch import load_file
-        saved = load_file(cache)
-        return saved["features"].float(), saved["labels"]
+        try:
+            saved = load_file(cache)
+            return saved["features"].float(), saved["labels"]
+        except Exception as error:  # a damaged cache file is rebuilt, not fatal
+            print(f"rebuilding the linear-probe features: cannot read {cache} ({type(error).__name__})")
     loader = torch.utils.data.DataLoader(SeededImages(folder, preprocess), batch_size=256, num_workers=args.workers,
                                          sampler=[(i, 0) for i in range(len(folder))], collate_fn=collate)
     feats, labels = [], []

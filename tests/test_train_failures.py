@@ -361,3 +361,18 @@ def test_training_stops_at_an_unreadable_image_or_skips_it_deterministically(tra
     assert [(r["step"], r["model"], r["file"]) for r in skipped] == [(1, 0, str(bad)), (1, 1, str(bad)),
                                                                      (2, 0, str(bad)), (2, 1, str(bad))]
     same_run(run(data, tmp_path / "skipping", *extra, "--skip-bad-images"), resumed)
+
+
+def test_a_damaged_linear_probe_cache_is_rebuilt(train_dir, tmp_path, capsys):
+    folder, names = train.training_set(train_dir)
+    classifier, preprocess = train.evaluate.build_classifier(train.evaluate.resolve_model(CONFIG), None, names,
+                                                             zero_shot=False)
+    args = train.parse_args(["--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
+    args.model, args.pretrained = "tiny-clip-test", str(tmp_path / "clip.safetensors")  # real weights are cached
+    features, labels = train.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+    (cache,) = (tmp_path / "cache").glob("lp_features_*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a full disk
+    again = train.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+    assert f"rebuilding the linear-probe features: cannot read {cache}" in capsys.readouterr().out
+    assert torch.equal(again[0], features) and torch.equal(again[1], labels)
+    assert load_file(cache).keys() == {"features", "labels"}

@@ -101,17 +101,17 @@ class Checkpoint:
     def _read_safetensors(self, file):
         """Adds a file's keys from its header (no tensor data is read); returns its names."""
         from safetensors import safe_open
-        try:
-            handle = self._open[file] = safe_open(file, framework="pt")
-            names = list(handle.keys())
-            specs = {n: (tuple(handle.get_slice(n).get_shape()), handle.get_slice(n).get_dtype())
-                     for n in names}
+        try:  # open() first: safetensors reports an unreadable file as "No such file or directory"
+            with open(file, "rb") as f:
+                handle = self._open[file] = safe_open(file, framework="pt")
+                names = list(handle.keys())
+                specs = {n: (tuple(handle.get_slice(n).get_shape()), handle.get_slice(n).get_dtype())
+                         for n in names}
+                size = int.from_bytes(f.read(8), "little")  # where each tensor's bytes lie, for prefetch
+                header = json.loads(f.read(size))
         except Exception as e:
             raise ValueError(f"{file}: cannot be loaded ({_reason(e)}); expected a "
                              f".safetensors file") from None
-        with open(file, "rb") as f:  # where each tensor's bytes lie, for prefetch
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
         for name, (shape, dtype) in specs.items():
             if dtype not in DTYPES:
                 raise ValueError(f"{file}: key {name!r} has dtype {dtype}, which is not supported")

@@ -190,6 +190,21 @@ def test_a_damaged_folder_is_one_error_naming_the_file(models, tmp_path, damage,
     assert "\n" not in str(exit_info.value) and not (tmp_path / "merged").exists()
 
 
+def test_an_unreadable_shard_is_named_as_unreadable(models, tmp_path, monkeypatch):
+    paths, _, _ = models
+    shard = str(_shard(tmp_path / "ft1", 1))
+
+    def refusing_open(file, *args, **kwargs):  # a file without read permission, even for root
+        if str(file) == shard:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+    monkeypatch.setattr(merge_checkpoints, "open", refusing_open, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_checkpoints.main(paths + ["--inspect"])
+    assert str(exit_info.value) == f"merge_checkpoints.py: error: {shard}: cannot be loaded ([Errno 13] Permission " \
+                                   f"denied: '{shard}'); expected a .safetensors file"
+
+
 def test_keys_and_shapes_that_differ_name_the_file_and_key(models, tmp_path):
     paths, w0, ws = models
     save_file(ws[2] | {"model.norm.weight": torch.ones(17, dtype=torch.bfloat16)}, paths[3])

@@ -546,7 +546,7 @@ def main(argv=None):
         if kind != "folder" and os.path.isdir(output):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
                          f"Hugging Face layout")
-        if os.path.lexists(output) and not args.force:
+        if os.path.lexists(os.path.normpath(output)) and not args.force:  # normpath: "notes/" names a file notes too
             parser.error(f"{output} exists; pass --force to overwrite it")
         if os.path.isdir(output) and not holds_model(output):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")

@@ -75,6 +75,11 @@ def test_existing_output_is_not_overwritten_without_force(checkpoints, tmp_path,
     assert out.read_bytes() == b"precious"
     merge_checkpoints.main(paths + ["-o", str(out), "--force"])
     assert torch.equal(load_file(out)["head.bias"], model_stock.merge(w0, ws)[0]["head.bias"])
+    (tmp_path / "notes").write_bytes(b"precious")  # a file, named as a folder output with a trailing /
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["-o", f"{tmp_path / 'notes'}/"])
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("make_bad, message", [

@@ -498,9 +498,12 @@ def parse_args(argv=None):
     try:
         args.model = resolve_model(args.model)
         args.pretrained = resolve_weights(args.model, args.pretrained)
-        device = torch.device(args.device)
-    except (ValueError, RuntimeError) as error:  # RuntimeError: torch's word for a bad device string
+    except ValueError as error:
         p.error(str(error).splitlines()[0])
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # torch's word for a bad device string
+        p.error(f"--device {args.device}: not a torch device; expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here; expected --device cpu")
     return args

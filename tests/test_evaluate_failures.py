@@ -75,6 +75,7 @@ def test_a_model_trained_with_a_config_and_no_weights_evaluates(files, tmp_path,
     (["--pretrained", "none", "--output", "{files}/folder.json"], "--output {files}/folder.json is a folder; expected "
                                                                   "a file name ending in .json"),
     (["--pretrained", "none", "--workers", "-1"], "--batch-size must be >= 1 and --workers >= 0, got 256 and -1"),
+    (["--pretrained", "none", "--device", "gpu"], "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
     pytest.param(["--pretrained", "none", "--device", "cuda"], "--device cuda: no CUDA device here; expected --device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
 ])

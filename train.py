@@ -678,6 +678,11 @@ def main(argv=None):
     problem = state and evaluate.state_dict_mismatch(classifier.state_dict(), state["models"][0])
     if problem:
         fail(f"{out / 'checkpoint.pt'} does not hold classifiers of this run's {args.model}: {problem}")
+    if plan["resume"] and (out / "w0.safetensors").exists():  # the run's own w0, checked before the folder changes
+        try:
+            evaluate.load_checkpoint(classifier, out / "w0.safetensors")
+        except ValueError as error:
+            fail(f"{error}; restore it, or pass --overwrite to start afresh")
     try:
         transform = train_transform(classifier, args)
     except AssertionError:  # timm's word for a config it cannot parse

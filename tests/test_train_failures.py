@@ -160,6 +160,8 @@ def damage(case, out):
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     elif case == "no args.json":
         (out / "args.json").unlink()
+    elif case == "w0":
+        (out / "w0.safetensors").write_bytes((out / "w0.safetensors").read_bytes()[:300])
     elif case in ("3 models", "step", "architecture"):
         state = torch.load(checkpoint, weights_only=True)
         if case == "3 models":
@@ -181,6 +183,8 @@ def damage(case, out):
 @pytest.mark.parametrize("case, message", [
     ("truncated", r"checkpoint.pt is truncated or damaged \(.*\); delete it to resume from step 0, or pass --overwrite"),
     ("no args.json", "has checkpoint.pt but no args.json, so --resume cannot check that it continues the same run"),
+    ("w0", r"w0.safetensors: cannot be loaded \(.+\); expected a .safetensors file; restore it, or pass --overwrite "
+           r"to start afresh"),
     ("3 models", "checkpoint.pt holds 3 models, this run 2: it belongs to another run"),
     ("2 into 3", "checkpoint.pt holds 2 models, this run 3: it belongs to another run"),
     ("step", "checkpoint.pt is at step 99, beyond this run's 3 steps: it belongs to another run"),

@@ -572,6 +572,9 @@ def main(argv=None):
         rows = merge_streamed(w0, ws, output, args.max_shard_size, print, extra)
     except (ValueError, OSError) as e:
         sys.exit(f"merge_checkpoints.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the temporary output is already removed
+        print("merge_checkpoints.py: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     # 3. The table, and what was written.
     copied = [k for k, (_, dtype) in w0.specs.items() if not dtype.is_floating_point]
     print_table(rows, copied, len(ws))

@@ -140,6 +140,24 @@ def test_the_temporaries_of_a_killed_merge_are_removed_by_the_next_one(models, t
                                                           "merged", "merged.safetensors"]
 
 
+def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path, capsys, monkeypatch):
+    paths, _, _ = models
+    merge_tensor = model_stock._merge_tensor
+    calls = []
+
+    def interrupted(*args):  # Ctrl-C while the third tensor is merged
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return merge_tensor(*args)
+    monkeypatch.setattr(model_stock, "_merge_tensor", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged"), "--max-shard-size", "2KB"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "merge_checkpoints.py: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors"]
+
+
 def test_nan_stops_the_merge_and_leaves_no_output(models, tmp_path):
     paths, w0, ws = models
     ws[2]["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")

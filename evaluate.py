@@ -508,9 +508,12 @@ def parse_args(argv=None):
     try:
         args.model = resolve_model(args.model)
         args.pretrained = resolve_weights(args.model, args.pretrained)
-        device = torch.device(args.device)
-    except (ValueError, RuntimeError) as error:  # RuntimeError: torch's word for a bad device string
+    except ValueError as error:
         p.error(str(error).splitlines()[0])
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # torch's word for a bad device string
+        p.error(f"--device {args.device}: not a torch device; expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here; expected --device cpu")
     return args
@@ -581,8 +584,13 @@ def run(args):
     alphas = args.wise_ft
     if alphas and not args.checkpoint:
         raise ValueError("--wise-ft interpolates towards a fine-tuned model: give it --checkpoint")
-    if not Path(args.output).resolve().parent.is_dir():
+    parent = Path(args.output).resolve().parent
+    if not parent.is_dir():
         raise ValueError(f"--output {args.output}: its folder does not exist")
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; expected a file name ending in .json")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {args.output}: cannot write in {parent} (permission denied); expected a writable folder")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a folder; expected one folder of images per class")
     print(json.dumps(vars(args), indent=1))

@@ -77,6 +77,8 @@ class Checkpoint:
         if (folder / INDEX).is_file():
             try:
                 weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("its weight_map is not a mapping of key names to shard file names")
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{folder / INDEX}: cannot be read ({_reason(e)}); expected "
                                  f"the JSON of a Hugging Face index with a 'weight_map'") from None
@@ -99,17 +101,17 @@ class Checkpoint:
     def _read_safetensors(self, file):
         """Adds a file's keys from its header (no tensor data is read); returns its names."""
         from safetensors import safe_open
-        try:
-            handle = self._open[file] = safe_open(file, framework="pt")
-            names = list(handle.keys())
-            specs = {n: (tuple(handle.get_slice(n).get_shape()), handle.get_slice(n).get_dtype())
-                     for n in names}
+        try:  # open() first: safetensors reports an unreadable file as "No such file or directory"
+            with open(file, "rb") as f:
+                handle = self._open[file] = safe_open(file, framework="pt")
+                names = list(handle.keys())
+                specs = {n: (tuple(handle.get_slice(n).get_shape()), handle.get_slice(n).get_dtype())
+                         for n in names}
+                size = int.from_bytes(f.read(8), "little")  # where each tensor's bytes lie, for prefetch
+                header = json.loads(f.read(size))
         except Exception as e:
             raise ValueError(f"{file}: cannot be loaded ({_reason(e)}); expected a "
                              f".safetensors file") from None
-        with open(file, "rb") as f:  # where each tensor's bytes lie, for prefetch
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
         for name, (shape, dtype) in specs.items():
             if dtype not in DTYPES:
                 raise ValueError(f"{file}: key {name!r} has dtype {dtype}, which is not supported")
@@ -198,19 +200,43 @@ def _umask():
     return mask
 
 
+def _running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, run by another user
+        pass
+    return True
+
+
+def _remove_stale_temporaries(parent, name):
+    """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9)."""
+    for entry in os.listdir(parent):
+        match = re.fullmatch(rf"\.{re.escape(name)}\.(\d+)_\w+\.tmp", entry)
+        if match and not _running(int(match.group(1))):
+            stale = os.path.join(parent, entry)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+
+
 @contextlib.contextmanager
 def _atomically(path, folder):
     """Yields a temporary file or folder beside `path`, renamed onto it once the body succeeds.
 
-    A crash or an error in the body leaves `path` as it was and no temporary behind.
+    A crash or an error in the body leaves `path` as it was and no temporary behind; the
+    temporary of a process killed outright is removed by the next write of the same path.
     """
     path = os.path.normpath(path)
     parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    # A unique temporary name in the same folder: concurrent writers never share one.
+    _remove_stale_temporaries(parent, name)
+    # A unique temporary name in the same folder, with the writer's process id: concurrent
+    # writers never share one, and a later write knows whether its writer is still running.
+    prefix = f".{name}.{os.getpid()}_"
     if folder:
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
     else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
         os.close(fd)
     try:
         yield tmp
@@ -474,8 +500,15 @@ def non_weight_files(path):
     return sorted(str(p) for p in Path(path).iterdir() if p.is_file() and not WEIGHT_FILE.fullmatch(p.name))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="merge_checkpoints.py", description="Merge fine-tuned "
+    parser = OneLineParser(prog="merge_checkpoints.py", description="Merge fine-tuned "
                                      "checkpoints with Model Stock, tensor by tensor.")
     parser.add_argument("pretrained", help="w0, the model every fine-tune started from: a "
                         ".safetensors or .pt/.pth file, or a Hugging Face folder")
@@ -505,17 +538,26 @@ def main(argv=None):
             kind = output_kind(output)
         except ValueError as e:
             parser.error(str(e))
-        if not os.path.isdir(os.path.dirname(os.path.abspath(os.path.normpath(output)))):
+        parent = os.path.dirname(os.path.abspath(os.path.normpath(output)))
+        if not os.path.isdir(parent):
             parser.error(f"-o {output}: its parent folder does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            parser.error(f"-o {output}: cannot write in {parent} (permission denied); expected a writable folder")
         if kind != "folder" and os.path.isdir(output):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
                          f"Hugging Face layout")
-        if os.path.lexists(output) and not args.force:
+        if os.path.lexists(os.path.normpath(output)) and not args.force:  # normpath: "notes/" names a file notes too
             parser.error(f"{output} exists; pass --force to overwrite it")
         if os.path.isdir(output) and not holds_model(output):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: its parent folder does not exist")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            parser.error(f"--json {args.json}: its parent folder does not exist")
+        if os.path.isdir(args.json):
+            parser.error(f"--json {args.json} is a folder; expected a file name")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            parser.error(f"--json {args.json}: cannot write in {parent} (permission denied); expected a writable folder")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
         print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     # 2. Open every model (headers only), then merge key by key, writing as it goes.
@@ -530,6 +572,9 @@ def main(argv=None):
         rows = merge_streamed(w0, ws, output, args.max_shard_size, print, extra)
     except (ValueError, OSError) as e:
         sys.exit(f"merge_checkpoints.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the temporary output is already removed
+        print("merge_checkpoints.py: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     # 3. The table, and what was written.
     copied = [k for k, (_, dtype) in w0.specs.items() if not dtype.is_floating_point]
     print_table(rows, copied, len(ws))

@@ -303,8 +303,11 @@ def probe_features(classifier, folder, preprocess, args, device):
     cache = Path(args.cache_dir).expanduser() / f"lp_features_{key}.safetensors"
     if cache.exists():
         from safetensors.torch import load_file
-        saved = load_file(cache)
-        return saved["features"].float(), saved["labels"]
+        try:
+            saved = load_file(cache)
+            return saved["features"].float(), saved["labels"]
+        except Exception as error:  # a damaged cache file is rebuilt, not fatal
+            print(f"rebuilding the linear-probe features: cannot read {cache} ({type(error).__name__})")
     loader = torch.utils.data.DataLoader(SeededImages(folder, preprocess), batch_size=256, num_workers=args.workers,
                                          sampler=[(i, 0) for i in range(len(folder))], collate_fn=collate)
     feats, labels = [], []
@@ -675,6 +678,11 @@ def main(argv=None):
     problem = state and evaluate.state_dict_mismatch(classifier.state_dict(), state["models"][0])
     if problem:
         fail(f"{out / 'checkpoint.pt'} does not hold classifiers of this run's {args.model}: {problem}")
+    if plan["resume"] and (out / "w0.safetensors").exists():  # the run's own w0, checked before the folder changes
+        try:
+            evaluate.load_checkpoint(classifier, out / "w0.safetensors")
+        except ValueError as error:
+            fail(f"{error}; restore it, or pass --overwrite to start afresh")
     try:
         transform = train_transform(classifier, args)
     except AssertionError:  # timm's word for a config it cannot parse

@@ -75,6 +75,11 @@ def test_existing_output_is_not_overwritten_without_force(checkpoints, tmp_path,
     assert out.read_bytes() == b"precious"
     merge_checkpoints.main(paths + ["-o", str(out), "--force"])
     assert torch.equal(load_file(out)["head.bias"], model_stock.merge(w0, ws)[0]["head.bias"])
+    (tmp_path / "notes").write_bytes(b"precious")  # a file, named as a folder output with a trailing /
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["-o", f"{tmp_path / 'notes'}/"])
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("make_bad, message", [
@@ -120,6 +125,21 @@ def test_runs_as_a_script(checkpoints, tmp_path):
     assert out.exists() and "mean t over" in result.stdout
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "--threads 0: expected 1 or more"),
+    (["--threads", "x"], "argument --threads: invalid int value: 'x'"),
+    (["--max-shard-size", "abc"], "argument --max-shard-size: 'abc' is not a size; expected e.g. 5GB"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_argument_errors_are_one_line_without_the_usage_block(checkpoints, capsys, flags, message):
+    paths, _, _ = checkpoints
+    with pytest.raises(SystemExit) as exit_info:
+        merge_checkpoints.main(paths + ["--inspect", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("merge_checkpoints.py: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
 def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
     paths, _, _ = checkpoints
     for output, message in [(tmp_path / "no_such_folder" / "m.safetensors", "its parent folder does not exist"),
@@ -129,6 +149,22 @@ def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
             merge_checkpoints.main(paths + ["-o", str(output), "--force"])
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1.pt", "ft2.pth", "w0.safetensors"]
+
+
+def test_unwritable_outputs_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch):
+    paths, _, _ = checkpoints
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["--inspect", "--json", str(tmp_path / "folder.json")])
+    assert f"--json {tmp_path / 'folder.json'} is a folder; expected a file name" in capsys.readouterr().err
+    monkeypatch.setattr(merge_checkpoints.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    for flags, name in [(["-o", str(tmp_path / "m.safetensors")], "-o"), (["--inspect", "--json", str(tmp_path / "t.json")], "--json")]:
+        with pytest.raises(SystemExit):
+            merge_checkpoints.main(paths + flags)
+        err = capsys.readouterr().err
+        assert f"merge_checkpoints.py: error: {name} {flags[-1]}: cannot write in {tmp_path} (permission denied); " \
+               f"expected a writable folder" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "ft1.pt", "ft2.pth", "w0.safetensors"]
 
 
 def test_the_same_file_twice_is_warned_about(checkpoints, capsys):

@@ -71,11 +71,16 @@ def test_a_model_trained_with_a_config_and_no_weights_evaluates(files, tmp_path,
     (["--pretrained", "none", "--data-dir", "{files}/flat"], "{files}/flat: expected one folder of images per class, "
                                                             "found files (0.png, ...) but no folders"),
     (["--pretrained", "none", "--output", "results.txt"], "--output results.txt: expected a file name ending in .json"),
+    (["--pretrained", "none", "--output", "{files}/val"], "--output {files}/val: expected a file name ending in .json"),
+    (["--pretrained", "none", "--output", "{files}/folder.json"], "--output {files}/folder.json is a folder; expected "
+                                                                  "a file name ending in .json"),
     (["--pretrained", "none", "--workers", "-1"], "--batch-size must be >= 1 and --workers >= 0, got 256 and -1"),
+    (["--pretrained", "none", "--device", "gpu"], "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
     pytest.param(["--pretrained", "none", "--device", "cuda"], "--device cuda: no CUDA device here; expected --device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, monkeypatch, flags, message):
+    (files / "folder.json").mkdir(exist_ok=True)
     monkeypatch.setattr(open_clip, "build_zero_shot_classifier", None)  # fails only after the checks, if ever reached
     flags = [f.format(files=files) for f in flags]
     with pytest.raises(SystemExit) as e:
@@ -84,3 +89,12 @@ def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, monke
     assert e.value.code != 0 and line.startswith("evaluate.py: error: ") and "\n" not in line, line
     assert message.format(files=files) in line, line
     assert not (tmp_path / "out.json").exists()
+
+
+def test_an_unwritable_output_folder_is_one_line_before_any_work(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", None)  # fails only after the checks, if ever reached
+    monkeypatch.setattr(ev.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    with pytest.raises(SystemExit) as e:
+        ev.main(common(files, tmp_path) + ["--pretrained", "none"])
+    assert e.value.code == f"evaluate.py: error: --output {tmp_path / 'out.json'}: cannot write in {tmp_path} " \
+                           f"(permission denied); expected a writable folder"

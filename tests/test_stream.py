@@ -125,6 +125,39 @@ def test_force_replaces_an_existing_folder_and_only_with_force(models, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
 
 
+def test_the_temporaries_of_a_killed_merge_are_removed_by_the_next_one(models, tmp_path, monkeypatch):
+    paths, _, _ = models
+    seen, write_folder = [], merge_checkpoints.write_folder  # a temporary is named by its writer's process id
+    monkeypatch.setattr(merge_checkpoints, "write_folder", lambda tmp, *rest: seen.append(tmp) or write_folder(tmp, *rest))
+    (tmp_path / ".merged.999999999_abcd1234.tmp").mkdir()  # left by writers killed with -9
+    (tmp_path / ".merged.safetensors.999999999_abcd1234.tmp").write_bytes(b"half a file")
+    running = tmp_path / f".merged.{os.getppid()}_abcd1234.tmp"  # a writer still running is left alone
+    running.mkdir()
+    merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged")])
+    merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged.safetensors")])
+    assert re.fullmatch(rf"\.merged\.{os.getpid()}_\w+\.tmp", os.path.basename(seen[0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "base", "ft1", "ft2", "ft3.safetensors",
+                                                          "merged", "merged.safetensors"]
+
+
+def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path, capsys, monkeypatch):
+    paths, _, _ = models
+    merge_tensor = model_stock._merge_tensor
+    calls = []
+
+    def interrupted(*args):  # Ctrl-C while the third tensor is merged
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return merge_tensor(*args)
+    monkeypatch.setattr(model_stock, "_merge_tensor", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged"), "--max-shard-size", "2KB"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "merge_checkpoints.py: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors"]
+
+
 def test_nan_stops_the_merge_and_leaves_no_output(models, tmp_path):
     paths, w0, ws = models
     ws[2]["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
@@ -161,6 +194,10 @@ def _truncate(folder):
                            r"model.safetensors.index.json places there"),
     (_truncate, r"ft1/model-00003-of-000\d\d.safetensors: cannot be loaded \(.+\); expected a .safetensors file"),
     (lambda f: (f / "model.safetensors.index.json").write_text("{"), r"index.json: cannot be read"),
+    (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}'),
+     r"index.json: cannot be read \(its weight_map is not a mapping of key names to shard file names\)"),
+    (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": 5}}'),
+     r"index.json: cannot be read \(its weight_map is not a mapping of key names to shard file names\)"),
 ])
 def test_a_damaged_folder_is_one_error_naming_the_file(models, tmp_path, damage, message):
     paths, w0, ws = models
@@ -169,6 +206,21 @@ def test_a_damaged_folder_is_one_error_naming_the_file(models, tmp_path, damage,
         merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged")])
     assert re.search(message, str(exit_info.value)), exit_info.value
     assert "\n" not in str(exit_info.value) and not (tmp_path / "merged").exists()
+
+
+def test_an_unreadable_shard_is_named_as_unreadable(models, tmp_path, monkeypatch):
+    paths, _, _ = models
+    shard = str(_shard(tmp_path / "ft1", 1))
+
+    def refusing_open(file, *args, **kwargs):  # a file without read permission, even for root
+        if str(file) == shard:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+    monkeypatch.setattr(merge_checkpoints, "open", refusing_open, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_checkpoints.main(paths + ["--inspect"])
+    assert str(exit_info.value) == f"merge_checkpoints.py: error: {shard}: cannot be loaded ([Errno 13] Permission " \
+                                   f"denied: '{shard}'); expected a .safetensors file"
 
 
 def test_keys_and_shapes_that_differ_name_the_file_and_key(models, tmp_path):

@@ -160,6 +160,8 @@ def damage(case, out):
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     elif case == "no args.json":
         (out / "args.json").unlink()
+    elif case == "w0":
+        (out / "w0.safetensors").write_bytes((out / "w0.safetensors").read_bytes()[:300])
     elif case in ("3 models", "step", "architecture"):
         state = torch.load(checkpoint, weights_only=True)
         if case == "3 models":
@@ -181,6 +183,8 @@ def damage(case, out):
 @pytest.mark.parametrize("case, message", [
     ("truncated", r"checkpoint.pt is truncated or damaged \(.*\); delete it to resume from step 0, or pass --overwrite"),
     ("no args.json", "has checkpoint.pt but no args.json, so --resume cannot check that it continues the same run"),
+    ("w0", r"w0.safetensors: cannot be loaded \(.+\); expected a .safetensors file; restore it, or pass --overwrite "
+           r"to start afresh"),
     ("3 models", "checkpoint.pt holds 3 models, this run 2: it belongs to another run"),
     ("2 into 3", "checkpoint.pt holds 2 models, this run 3: it belongs to another run"),
     ("step", "checkpoint.pt is at step 99, beyond this run's 3 steps: it belongs to another run"),
@@ -361,3 +365,18 @@ def test_training_stops_at_an_unreadable_image_or_skips_it_deterministically(tra
     assert [(r["step"], r["model"], r["file"]) for r in skipped] == [(1, 0, str(bad)), (1, 1, str(bad)),
                                                                      (2, 0, str(bad)), (2, 1, str(bad))]
     same_run(run(data, tmp_path / "skipping", *extra, "--skip-bad-images"), resumed)
+
+
+def test_a_damaged_linear_probe_cache_is_rebuilt(train_dir, tmp_path, capsys):
+    folder, names = train.training_set(train_dir)
+    classifier, preprocess = train.evaluate.build_classifier(train.evaluate.resolve_model(CONFIG), None, names,
+                                                             zero_shot=False)
+    args = train.parse_args(["--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
+    args.model, args.pretrained = "tiny-clip-test", str(tmp_path / "clip.safetensors")  # real weights are cached
+    features, labels = train.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+    (cache,) = (tmp_path / "cache").glob("lp_features_*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a full disk
+    again = train.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+    assert f"rebuilding the linear-probe features: cannot read {cache}" in capsys.readouterr().out
+    assert torch.equal(again[0], features) and torch.equal(again[1], labels)
+    assert load_file(cache).keys() == {"features", "labels"}

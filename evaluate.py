@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
@@ -266,6 +267,10 @@ class EvalSet(NamedTuple):
     project: Optional[Callable] = None  # (B, 1000) logits -> (B, classes); None: as they are
 
 
+class UnreadableImage(ValueError):
+    """An image file that PIL cannot decode (truncated, empty, not an image), named by its path."""
+
+
 class LabelledFolder(ImageFolder):
     """An ImageFolder whose folder -> label map is given, not read: other folders are skipped."""
 
@@ -278,6 +283,14 @@ class LabelledFolder(ImageFolder):
 
     def find_classes(self, directory):
         return sorted(self.given, key=self.given.get), self.given
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # what PIL raises
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+            raise UnreadableImage(f"image {self.samples[index][0]} cannot be read ({type(error).__name__}: "
+                                  f"{reason}); expected readable images: replace or remove it") from None
 
 
 @lru_cache
@@ -437,16 +450,21 @@ def evaluate(model, eval_set, batch_size=256, workers=0, device="cpu", bf16=Fals
                                          num_workers=workers, pin_memory=cuda)
     model.eval()
     correct, seen, start = torch.zeros((), dtype=torch.long, device=device), 0, time.perf_counter()
-    for images, labels in tqdm(loader, desc=eval_set.name, leave=False, disable=len(loader) < 10):
-        # channels_last helps convolutional towers and costs a ViT's patch embedding nothing.
-        images = images.to(device, non_blocking=True,
-                           memory_format=torch.channels_last if cuda else torch.preserve_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images).float()
-        if eval_set.project is not None:
-            logits = eval_set.project(logits)
-        correct += (logits.argmax(dim=1) == labels.to(device, non_blocking=True)).sum()
-        seen += len(labels)
+    try:
+        for images, labels in tqdm(loader, desc=eval_set.name, leave=False, disable=len(loader) < 10):
+            # channels_last helps convolutional towers and costs a ViT's patch embedding nothing.
+            images = images.to(device, non_blocking=True,
+                               memory_format=torch.channels_last if cuda else torch.preserve_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(images).float()
+            if eval_set.project is not None:
+                logits = eval_set.project(logits)
+            correct += (logits.argmax(dim=1) == labels.to(device, non_blocking=True)).sum()
+            seen += len(labels)
+    except UnreadableImage as error:
+        # From a data worker the message carries the worker's traceback; its last line is ours.
+        last = str(error).strip().splitlines()[-1]
+        raise ValueError(f"{eval_set.name}: {last.split('UnreadableImage: ', 1)[-1]}") from None
     seconds = time.perf_counter() - start
     return {"top1": 100 * correct.item() / max(seen, 1), "images": seen,
             "images_per_s": round(seen / seconds, 1)}
@@ -662,4 +680,8 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted; no results were written", file=sys.stderr)
+        sys.exit(130)

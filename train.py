@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -792,8 +793,11 @@ def main(argv=None):
                   "loss": [sum(x[i] for x in losses) / len(losses) for i in range(args.num_models)],
                   "images_per_s_per_model": round(seen / (time.perf_counter() - t_epoch), 1)}
         if eval_sets:
-            results = {s.name: evaluate.evaluate(unwrap(models[0]), s, workers=args.workers, device=device, bf16=bf16)
-                       for s in eval_sets}
+            try:
+                results = {s.name: evaluate.evaluate(unwrap(models[0]), s, workers=args.workers, device=device, bf16=bf16)
+                           for s in eval_sets}
+            except ValueError as e:  # an unreadable evaluation image
+                fail(f"--eval-every-epoch: {e}; {good_checkpoint()}; continue with --resume")
             record["eval"] = {**{name: r["top1"] for name, r in results.items()}, "Avg. shifts": evaluate.avg_shifts(results)}
             unwrap(models[0]).train()
             print(" ".join(f"{k}: {v:.2f}" for k, v in record["eval"].items() if v is not None))
@@ -819,4 +823,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the last one is whole
+        print("train.py: interrupted; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)

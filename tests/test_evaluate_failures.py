@@ -98,3 +98,18 @@ def test_an_unwritable_output_folder_is_one_line_before_any_work(files, tmp_path
         ev.main(common(files, tmp_path) + ["--pretrained", "none"])
     assert e.value.code == f"evaluate.py: error: --output {tmp_path / 'out.json'}: cannot write in {tmp_path} " \
                            f"(permission denied); expected a writable folder"
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_unreadable_image_is_one_line_naming_it(files, tmp_path, workers):
+    val = tmp_path / "val"
+    shutil.copytree(files / "val", val)
+    (val / "dog" / "broken.jpg").write_text("not an image")  # a text file named .jpg
+    flags = common(files, tmp_path) + ["--pretrained", "none", "--data-dir", str(val), "--workers", workers]
+    with pytest.raises(SystemExit) as e:
+        ev.main(flags)
+    line = str(e.value.code)
+    assert line.startswith(f"evaluate.py: error: val: image {val / 'dog' / 'broken.jpg'} cannot be read "
+                           f"(UnidentifiedImageError: ") and "\n" not in line, line
+    assert line.endswith("expected readable images: replace or remove it"), line
+    assert not (tmp_path / "out.json").exists()

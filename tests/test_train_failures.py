@@ -380,3 +380,14 @@ def test_a_damaged_linear_probe_cache_is_rebuilt(train_dir, tmp_path, capsys):
     assert f"rebuilding the linear-probe features: cannot read {cache}" in capsys.readouterr().out
     assert torch.equal(again[0], features) and torch.equal(again[1], labels)
     assert load_file(cache).keys() == {"features", "labels"}
+
+
+def test_an_unreadable_evaluation_image_stops_the_run_in_one_line(train_dir, tmp_path, capsys):
+    val = tmp_path / "val"
+    shutil.copytree(train_dir, val)
+    truncated_jpeg(val / "class_3" / "broken.jpg")
+    line = error_of(lambda: run(train_dir, tmp_path / "run", "--epochs", "1", "--eval-every-epoch", "--eval-dir", str(val)),
+                    capsys)
+    assert line.startswith(f"train.py: error: --eval-every-epoch: val: image {val / 'class_3' / 'broken.jpg'} cannot be "
+                           f"read (OSError: "), line
+    assert line.endswith("no checkpoint had been saved yet; continue with --resume"), line

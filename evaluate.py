@@ -267,6 +267,9 @@ class EvalSet(NamedTuple):
     project: Optional[Callable] = None  # (B, 1000) logits -> (B, classes); None: as they are
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
 class UnreadableImage(ValueError):
     """An image file that PIL cannot decode (truncated, empty, not an image), named by its path."""
 
@@ -287,7 +290,7 @@ class LabelledFolder(ImageFolder):
     def __getitem__(self, index):
         try:
             return super().__getitem__(index)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # what PIL raises
+        except UNREADABLE as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
             raise UnreadableImage(f"image {self.samples[index][0]} cannot be read ({type(error).__name__}: "
                                   f"{reason}); expected readable images: replace or remove it") from None

@@ -148,7 +148,6 @@ def seed_everything(seed):
 # ---- (Mixup pairs images within a micro-batch, so the number of processes and --accum-steps
 # ---- change which images are mixed; without mixup they change nothing but rounding.)
 
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
 MAX_UNREADABLE_IN_A_ROW = 64
 
 
@@ -181,7 +180,7 @@ class SeededImages(torch.utils.data.Dataset):
             path, label = self.folder.samples[(index + k) % len(self.folder)]
             try:
                 image = self.folder.loader(path)
-            except UNREADABLE as error:
+            except evaluate.UNREADABLE as error:
                 unreadable.append((path, unreadable_reason(path, error)))
                 continue
             seed_everything(seed)

@@ -291,9 +291,8 @@ class LabelledFolder(ImageFolder):
         try:
             return super().__getitem__(index)
         except UNREADABLE as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
             raise UnreadableImage(f"image {self.samples[index][0]} cannot be read ({type(error).__name__}: "
-                                  f"{reason}); expected readable images: replace or remove it") from None
+                                  f"{first_sentence(error, 120)}); expected readable images: replace or remove it") from None
 
 
 @lru_cache
@@ -491,15 +490,8 @@ def alpha_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {text!r}") from None
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`prog: error: ...`), not a usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p = merge_checkpoints.OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", nargs="*", default=[],
                    help="classifier state dicts (.safetensors/.pt); none: the zero-shot model")
     p.add_argument("--model", default="ViT-B-32-quickgelu",

@@ -56,7 +56,7 @@ MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "workers", "save_every", "eval_ev
 
 
 def parse_args(argv=None):
-    p = evaluate.OneLineParser(prog="train.py", description=__doc__.splitlines()[0])  # errors: one line, no usage
+    p = merge_checkpoints.OneLineParser(prog="train.py", description=__doc__.splitlines()[0])  # errors: one line, no usage
     p.add_argument("--train-dir", default="~/data/imagenet/train", help="ImageFolder training set (one folder per class)")
     p.add_argument("--output-dir", required=True, help="checkpoints, w0, final model, log.jsonl, args.json")
     p.add_argument("--recipe", choices=RECIPES, default="stock", help="paper's 'Model Stock' or 'Model Stock*'; flags below override it")

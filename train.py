@@ -136,11 +136,13 @@ def seed_of(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def seed_everything(seed):
-    """Seeds the generators that torchvision, timm and model code draw from."""
+def seed_transforms(seed):
+    """Seeds the CPU generators that torchvision's and timm's transforms draw from. (Not
+    torch.manual_seed: it also seeds every accelerator, which costs a millisecond a call,
+    more than decoding and transforming a small image, and transforms never draw there.)"""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 # ---- Data: every random draw is a function of (seed, epoch, position), so a resumed run, or
@@ -183,7 +185,7 @@ class SeededImages(torch.utils.data.Dataset):
             except evaluate.UNREADABLE as error:
                 unreadable.append((path, unreadable_reason(path, error)))
                 continue
-            seed_everything(seed)
+            seed_transforms(seed)
             return self.transform(image), label, unreadable
         return None, None, unreadable
 

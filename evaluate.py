@@ -135,6 +135,9 @@ def resolve_weights(model_name, pretrained):
     path = Path(pretrained).expanduser()
     if path.is_file():
         return str(path.resolve())
+    if path.is_dir():
+        raise ValueError(f"--pretrained {pretrained} is a folder; expected a weights file (.safetensors, .pt, "
+                         f".pth) in it, a pretrained tag or 'none'")
     if path.exists() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
         raise ValueError(f"--pretrained {pretrained}: no such file; expected a weights file, a pretrained "
                          f"tag or 'none'")
@@ -667,7 +670,7 @@ def run(args):
     # 6. Results (and the WiSE-FT plot) beside each other.
     output = Path(args.output)
     record = {"runs": runs, "args": vars(args), "code_version": code_version()}
-    output.write_text(json.dumps(record, indent=1))
+    merge_checkpoints.write_text(output, json.dumps(record, indent=1))  # a kill leaves the old file whole
     print(f"\nwrote {output}")
     if alphas:
         plot_wise_ft(runs, output.with_name(output.stem + "_wise_ft.png"))

@@ -261,6 +261,12 @@ def _atomically(path, folder):
             os.remove(tmp)
 
 
+def write_text(path, text):
+    """`text` to `path` through a temporary file renamed onto it: a kill never leaves half a file."""
+    with _atomically(path, folder=False) as tmp:
+        Path(tmp).write_text(text)
+
+
 def holds_model(folder):
     return any(os.path.isfile(os.path.join(folder, name)) for name in (SINGLE, INDEX))
 

@@ -59,6 +59,8 @@ def test_a_model_trained_with_a_config_and_no_weights_evaluates(files, tmp_path,
     (["--model", "missing.json"], "--model missing.json: cannot read it (No such file or directory)"),
     (["--pretrained", "missing.pt"], "--pretrained missing.pt: no such file; expected a weights file, a pretrained tag "
                                      "or 'none'"),
+    (["--pretrained", "{files}/val"], "--pretrained {files}/val is a folder; expected a weights file (.safetensors, "
+                                      ".pt, .pth) in it, a pretrained tag or 'none'"),
     (["--pretrained", "laion2b"], "--pretrained 'laion2b' is neither a weights file nor a pretrained tag of "
                                   "tiny-clip-test (it has no pretrained tags)"),
     (["--pretrained", "{files}/wide_clip.safetensors"], "cannot build tiny-clip-test with a local weights file "

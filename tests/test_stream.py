@@ -3,6 +3,7 @@ for bit, the output loads back through its index, and bad input leaves nothing b
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,18 @@ def test_save_state_dict_never_replaces_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(ValueError, match="x.safetensors is a folder; expected a file name"):
         merge_checkpoints.save_state_dict(llama_like(5), tmp_path / "x.safetensors")
     assert (tmp_path / "notes.txt").read_text() == "precious" and (tmp_path / "x.safetensors").is_dir()
+
+
+def test_write_text_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "evaluation.json"
+    merge_checkpoints.write_text(path, "first")
+    merge_checkpoints.write_text(path, "second")
+    assert path.read_text() == "second"
+
+    def disk_full(self, text):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        merge_checkpoints.write_text(path, "third")
+    monkeypatch.undo()
+    assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json"]

@@ -73,3 +73,16 @@ def test_the_world_is_deterministic_and_covers_every_class():
     for domain in demo.DOMAINS:
         labels = {demo.render(rng, domain)[1] for _ in range(300)}
         assert labels == set(range(len(demo.SHAPES)))
+
+
+def test_captions_that_say_the_same_thing_are_positives_whatever_their_template():
+    import open_clip
+    config = demo.clip_config(demo.Path(__import__("tempfile").mkdtemp()) / "model-stock-demo-clip.json")
+    tokenizer = open_clip.get_tokenizer(config.stem)
+    x, text, target = demo.captioned_batch(np.random.default_rng(0), 64, tokenizer, (0.5,) * 3, (0.25,) * 3)
+    assert x.shape == (64, 3, 32, 32) and text.shape[0] == 64
+    assert torch.allclose(target.sum(1), torch.ones(64)) and torch.equal(target, target.T)
+    # Some positives are other captions (the same thing in other template words), never all.
+    positives = (target > 0).sum(1)
+    assert positives.max() > 1 and positives.min() >= 1 and positives.max() < 64
+    assert len({tuple(t.tolist()) for t in text}) > len({tuple(row.tolist()) for row in (target > 0)})

@@ -614,7 +614,7 @@ def main(argv=None):
               "merges": [{"step": m["step"], "epoch": m["epoch"], "t_summary": m["t_summary"]} for m in merges],
               "geometry": geometry, "test_images": test_images, "args": vars(args), "pretrained": str(weights),
               "seconds": seconds, "finetune_seconds": finetune_s, "code_version": evaluate.code_version()}
-    merge_checkpoints.write_text(args.output, json.dumps(record, indent=1))
+    merge_checkpoints.write_atomically(args.output, lambda f: f.write_text(json.dumps(record, indent=1)))
     print(f"wrote {args.output}")
     plot(record, Path(args.output).with_suffix(".png"))
     return record

@@ -670,7 +670,7 @@ def run(args):
     # 6. Results (and the WiSE-FT plot) beside each other.
     output = Path(args.output)
     record = {"runs": runs, "args": vars(args), "code_version": code_version()}
-    merge_checkpoints.write_text(output, json.dumps(record, indent=1))  # a kill leaves the old file whole
+    merge_checkpoints.write_atomically(output, lambda f: f.write_text(json.dumps(record, indent=1)))
     print(f"\nwrote {output}")
     if alphas:
         plot_wise_ft(runs, output.with_name(output.stem + "_wise_ft.png"))

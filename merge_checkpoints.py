@@ -261,10 +261,11 @@ def _atomically(path, folder):
             os.remove(tmp)
 
 
-def write_text(path, text):
-    """`text` to `path` through a temporary file renamed onto it: a kill never leaves half a file."""
+def write_atomically(path, write):
+    """write(a temporary Path beside `path`), then rename it onto `path`: a kill never leaves
+    half a file there, and an error leaves `path` as it was."""
     with _atomically(path, folder=False) as tmp:
-        Path(tmp).write_text(text)
+        write(Path(tmp))
 
 
 def holds_model(folder):

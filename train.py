@@ -482,8 +482,8 @@ def is_result(name):
 
 
 def is_temporary(name):
-    """A file save_atomic (checkpoint.pt.<pid>.tmp) or merge_checkpoints.save_state_dict
-    (.final.safetensors.<random>.tmp) left behind when killed mid-write."""
+    """A temporary file left behind when killed mid-write (.checkpoint.pt.<pid>_<random>.tmp
+    from merge_checkpoints' writers; checkpoint.pt.<pid>.tmp from earlier versions)."""
     return re.fullmatch(r"\.?(args\.json|log\.jsonl|checkpoint\.pt|\w+\.safetensors)\.\w+\.tmp", name)
 
 
@@ -567,17 +567,6 @@ def kept_log(path, step):
     return kept
 
 
-def save_atomic(write, path):
-    """write(temporary file), then rename: a kill never leaves half a file at `path`.
-    Files are created with the process's umask."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def claim_output(args, out, plan, train_set, log_lines):
     """Rank 0, once every check has passed: removes an old run (--overwrite, or a launch that
     never checkpointed) and stale temporary files, then writes args.json or the kept log."""
@@ -587,10 +576,10 @@ def claim_output(args, out, plan, train_set, log_lines):
             if is_temporary(path.name) or (not plan["resume"] and is_run_file(path.name)):
                 path.unlink()
         if plan["resume"]:
-            save_atomic(lambda f: f.write_text("".join(line + "\n" for line in log_lines)), out / "log.jsonl")
+            merge_checkpoints.write_atomically(out / "log.jsonl", lambda f: f.write_text("".join(line + "\n" for line in log_lines)))
         else:
             record = {**vars(args), "train_set": train_set, "code_version": evaluate.code_version()}
-            save_atomic(lambda f: f.write_text(json.dumps(record, indent=2)), out / "args.json")
+            merge_checkpoints.write_atomically(out / "args.json", lambda f: f.write_text(json.dumps(record, indent=2)))
     except OSError as error:
         fail(f"--output-dir {out}: cannot write there ({error.strerror}); expected a writable folder")
 
@@ -749,7 +738,7 @@ def main(argv=None):
         if rank == 0:
             record = {"step": step, "epoch_losses": epoch_losses, "models": [unwrap(m).state_dict() for m in models],
                       "optimizers": [o.state_dict() for o in optimizers]}
-            save_atomic(lambda f: torch.save(record, f), out / "checkpoint.pt")
+            merge_checkpoints.write_atomically(out / "checkpoint.pt", lambda f: torch.save(record, f))
         barrier()
         last_good = (out / "checkpoint.pt", step)
 

@@ -1,8 +1,9 @@
 """Size, save time and load time of train.py's checkpoint.pt: N classifiers and their AdamW moments.
 
 The checkpoint holds every model's weights and both AdamW moments (3 fp32 copies per model).
-train.py writes it in the training loop (save_atomic: temporary file, then rename) once per
-epoch, and every --save-every steps; this prints what one write costs on this machine's disk.
+train.py writes it in the training loop (merge_checkpoints.write_atomically: a temporary file,
+then a rename) once per epoch, and every --save-every steps; this prints what one write costs
+on this machine's disk.
 No weights are downloaded: the architecture is built with random weights.
 
     python benchmarks/checkpoint.py                          # ViT-B/32, N = 2
@@ -21,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-import train  # noqa: E402
+import merge_checkpoints  # noqa: E402
 
 
 def checkpoint_of(model_name, num_models):
@@ -50,7 +51,7 @@ def main():
         path = Path(folder) / "checkpoint.pt"
         for _ in range(args.repeats):
             start = time.perf_counter()
-            train.save_atomic(lambda f: torch.save(record, f), path)
+            merge_checkpoints.write_atomically(path, lambda f: torch.save(record, f))
             os.sync()  # on the disk, not only in the page cache
             seconds = time.perf_counter() - start
             print(f"{args.model}, N = {args.num_models} ({parameters / 1e6:.1f}M parameters each): "

@@ -324,16 +324,16 @@ def test_save_state_dict_never_replaces_a_folder_that_is_not_a_model(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "precious" and (tmp_path / "x.safetensors").is_dir()
 
 
-def test_write_text_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+def test_write_atomically_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
     path = tmp_path / "evaluation.json"
-    merge_checkpoints.write_text(path, "first")
-    merge_checkpoints.write_text(path, "second")
+    merge_checkpoints.write_atomically(path, lambda f: f.write_text("first"))
+    merge_checkpoints.write_atomically(path, lambda f: f.write_text("second"))
     assert path.read_text() == "second"
 
     def disk_full(self, text):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Path, "write_text", disk_full)
     with pytest.raises(OSError):
-        merge_checkpoints.write_text(path, "third")
+        merge_checkpoints.write_atomically(path, lambda f: f.write_text("third"))
     monkeypatch.undo()
     assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json"]

@@ -29,7 +29,8 @@ def test_quick_demo_runs_every_row_and_checks_the_regime(tmp_path, one_thread):
         assert r["Avg. shifts"] == pytest.approx(sum(r[d] for d in list(demo.DOMAINS.values())[1:]) / 4)
     assert [r["cost"] for r in rows.values()] == [0, 1, 2, 2, 2, 1]
     # Fine-tuning moved the weights; averaging lands nearer the center than one fine-tune.
-    assert rows["zero-shot"]["distance to center"] > rows["vanilla FT"]["distance to center"] > 0
+    # (Whether w0 is nearer than one fine-tune depends on their cosine: not a property of --quick.)
+    assert rows["zero-shot"]["distance to center"] > 0 and rows["vanilla FT"]["distance to center"] > 0
     assert rows["uniform average (2 FT)"]["distance to center"] < rows["vanilla FT"]["distance to center"]
     # The ConvNeXt tower keeps no running statistics: every tensor is a parameter.
     assert record["geometry"]["buffers"] == [] and record["geometry"]["buffer_share"] == 0

@@ -205,6 +205,13 @@ DOMAIN_WORDS = {"photo": ["photo"], "sketch": ["sketch", "drawing"],
                 "hard": ["small", "cropped", "low resolution", "blurry", "jpeg"]}
 
 
+def caption_name(rng, shape, colour):
+    """What a caption calls a shape: loosely for LOOSE_NAMES' shapes, with its colour half of the time."""
+    if shape in LOOSE_NAMES and rng.random() < LOOSENESS:
+        shape = LOOSE_NAMES[shape]
+    return f"{colour} {shape}" if rng.random() < 0.5 else shape
+
+
 def captioned_batch(rng, size, tokenizer, mean, std):
     """Images drawn from PRETRAINING_MIX, each captioned by one of OpenAI's 80 ImageNet templates
     that names its domain, with the shape's name (loosely for LOOSE_NAMES' shapes); half of the
@@ -218,10 +225,7 @@ def captioned_batch(rng, size, tokenizer, mean, std):
     images, captions, meanings = [], [], []
     for domain in domains:
         pixels, label, colour = render(rng, domain)
-        said = SHAPES[label]
-        if said in LOOSE_NAMES and rng.random() < LOOSENESS:
-            said = LOOSE_NAMES[said]
-        name = f"{colour} {said}" if rng.random() < 0.5 else said
+        name = caption_name(rng, SHAPES[label], colour)
         images.append(pixels)
         captions.append(templates[domain][rng.integers(len(templates[domain]))](name))
         meanings.append((domain, name))  # what the caption says, template aside

@@ -76,6 +76,18 @@ def test_the_world_is_deterministic_and_covers_every_class():
         assert labels == set(range(len(demo.SHAPES)))
 
 
+def test_captions_name_some_shapes_loosely_and_the_others_strictly():
+    rng = np.random.default_rng(0)
+    for shape in demo.SHAPES:
+        names = [demo.caption_name(rng, shape, "red") for _ in range(2000)]
+        assert {n.removeprefix("red ") for n in names} == ({shape, demo.LOOSE_NAMES[shape]} if shape in demo.LOOSE_NAMES else {shape})
+        loose = sum(n.endswith(demo.LOOSE_NAMES.get(shape, "-")) for n in names) / len(names)
+        assert abs(loose - (demo.LOOSENESS if shape in demo.LOOSE_NAMES else 0)) < 0.05
+        assert abs(sum(n.startswith("red ") for n in names) / len(names) - 0.5) < 0.05
+    # The loose names are other classes' names: that is what makes the zero-shot head weaker.
+    assert set(demo.LOOSE_NAMES.values()) <= set(demo.SHAPES) - set(demo.LOOSE_NAMES)
+
+
 def test_captions_that_say_the_same_thing_are_positives_whatever_their_template():
     import open_clip
     config = demo.clip_config(demo.Path(__import__("tempfile").mkdtemp()) / "model-stock-demo-clip.json")

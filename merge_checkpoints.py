@@ -211,12 +211,17 @@ def _running(pid):
 
 
 def _remove_stale_temporaries(parent, name):
-    """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9)."""
-    for entry in os.listdir(parent):
-        match = re.fullmatch(rf"\.{re.escape(name)}\.(\d+)_\w+\.tmp", entry)
+    """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9).
+    A writer killed between the two renames of a folder replacement left `name` missing and the
+    old folder inside its `.old` temporary: that one is put back first."""
+    for entry in sorted(os.listdir(parent), key=lambda e: not e.endswith(".old")):
+        match = re.fullmatch(rf"\.{re.escape(name)}\.(\d+)_\w+\.(tmp|old)", entry)
         if match and not _running(int(match.group(1))):
-            stale = os.path.join(parent, entry)
+            stale, target = os.path.join(parent, entry), os.path.join(parent, name)
             with contextlib.suppress(OSError):
+                kept = os.path.join(stale, name)
+                if match.group(2) == "old" and not os.path.lexists(target) and os.path.lexists(kept):
+                    os.replace(kept, target)
                 shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
 
 
@@ -225,7 +230,8 @@ def _atomically(path, folder):
     """Yields a temporary file or folder beside `path`, renamed onto it once the body succeeds.
 
     A crash or an error in the body leaves `path` as it was and no temporary behind; the
-    temporary of a process killed outright is removed by the next write of the same path.
+    temporaries of a process killed outright are cleared by the next write of the same path
+    (which first puts back a replaced folder that the kill left outside `path`).
     """
     path = os.path.normpath(path)
     parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
@@ -243,12 +249,12 @@ def _atomically(path, folder):
         # mkstemp/mkdtemp create 0600/0700: give the output the mode a plain open() would.
         os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
         if folder and os.path.lexists(path):  # a folder cannot be replaced in one rename
-            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
+            old = tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=parent)
             os.replace(path, os.path.join(old, name))
             try:
                 os.replace(tmp, path)
-            except OSError:
-                os.replace(os.path.join(old, name), path)  # put the old one back
+            except BaseException:  # an error or Ctrl-C: put the old one back
+                os.replace(os.path.join(old, name), path)
                 raise
             finally:
                 shutil.rmtree(old)
@@ -550,6 +556,7 @@ def main(argv=None):
             parser.error(f"-o {output}: its parent folder does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             parser.error(f"-o {output}: cannot write in {parent} (permission denied); expected a writable folder")
+        _remove_stale_temporaries(parent, os.path.basename(os.path.normpath(output)))  # first: it may put a folder back
         if kind != "folder" and os.path.isdir(output):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
                          f"Hugging Face layout")

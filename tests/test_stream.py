@@ -141,6 +141,46 @@ def test_the_temporaries_of_a_killed_merge_are_removed_by_the_next_one(models, t
                                                           "merged", "merged.safetensors"]
 
 
+def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_folder(models, tmp_path, monkeypatch, capsys):
+    paths, w0, ws = models
+    out = tmp_path / "merged"
+    merge_checkpoints.main(paths[:3] + ["-o", str(out)])  # two fine-tunes
+    before = merge_checkpoints.load_state_dict(out)
+    replace = os.replace
+
+    def interrupted(src, dst):  # Ctrl-C as the new folder is renamed into place
+        if str(dst) == str(out) and ".old" not in str(src):
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["-o", str(out), "--force"])
+    monkeypatch.setattr(os, "replace", replace)
+    after = merge_checkpoints.load_state_dict(out)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
+
+    # Killed outright between the two renames: the old folder waits in its .old temporary,
+    # and the next merge to that output puts it back (so it still needs --force).
+    aside = tmp_path / ".merged.999999999_abcd1234.old"
+    aside.mkdir()
+    replace(out, aside / "merged")
+    (tmp_path / ".merged.999999999_efgh5678.tmp").mkdir()  # the new folder, never renamed
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["-o", str(out)])
+    assert "exists; pass --force" in capsys.readouterr().err
+    after = merge_checkpoints.load_state_dict(out)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
+    # Killed after the second rename: the new folder is in place, the .old one is only removed.
+    (aside / "merged").mkdir(parents=True)
+    merge_checkpoints.main(paths + ["-o", str(out), "--force"])
+    expected, _ = model_stock.merge(w0, ws)
+    assert all(torch.equal(v, expected[k]) for k, v in merge_checkpoints.load_state_dict(out).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
+
+
 def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path, capsys, monkeypatch):
     paths, _, _ = models
     merge_tensor = model_stock._merge_tensor

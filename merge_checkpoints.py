@@ -513,6 +513,15 @@ def non_weight_files(path):
     return sorted(str(p) for p in Path(path).iterdir() if p.is_file() and not WEIGHT_FILE.fullmatch(p.name))
 
 
+def _within(path, output):
+    """Whether the file `path` is `output` or lies inside it. Writing replaces `output` itself
+    (a link there, not what it points to) inside its resolved parent folder."""
+    output = os.path.abspath(os.path.normpath(output))
+    output = os.path.join(os.path.realpath(os.path.dirname(output)), os.path.basename(output))
+    path = os.path.realpath(path)
+    return path == output or path.startswith(output.rstrip(os.sep) + os.sep)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`), not a usage block."""
 
@@ -572,6 +581,10 @@ def main(argv=None):
             parser.error(f"--json {args.json} is a folder; expected a file name")
         if not os.access(parent, os.W_OK | os.X_OK):
             parser.error(f"--json {args.json}: cannot write in {parent} (permission denied); expected a writable folder")
+    for flag, path in (("-o", output), ("--json", args.json)):
+        clash = path and next((p for p in [args.pretrained, *args.finetuned] if _within(p, path)), None)
+        if clash:
+            parser.error(f"{flag} {path} would overwrite the input {clash}; expected another name")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
         print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     # 2. Open every model (headers only), then merge key by key, writing as it goes.

@@ -151,6 +151,27 @@ def test_bad_output_paths_fail_before_any_work(checkpoints, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1.pt", "ft2.pth", "w0.safetensors"]
 
 
+def test_an_output_that_would_overwrite_an_input_is_refused_even_with_force(checkpoints, tmp_path, capsys):
+    paths, w0, ws = checkpoints
+    before = {p: open(p, "rb").read() for p in paths}
+    (tmp_path / "hf").mkdir()  # a Hugging Face folder holding the pre-trained model
+    os.link(paths[0], tmp_path / "hf" / "model.safetensors")
+    for flags, name in [(["-o", paths[1], "--force"], paths[1]), (["-o", f"{tmp_path}/./ft2.pth", "--force"], paths[2]),
+                        (["--inspect", "--json", paths[0]], paths[0])]:
+        with pytest.raises(SystemExit):
+            merge_checkpoints.main(paths + flags)
+        err = capsys.readouterr().err
+        assert f"would overwrite the input {name}; expected another name" in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main([str(tmp_path / "hf" / "model.safetensors"), *paths[1:], "-o", str(tmp_path / "hf"), "--force"])
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert {p: open(p, "rb").read() for p in paths} == before
+    # A link named as the output is replaced itself: what it points to is not touched.
+    (tmp_path / "link.pt").symlink_to(paths[1])
+    merge_checkpoints.main(paths + ["-o", str(tmp_path / "link.pt"), "--force"])
+    assert not (tmp_path / "link.pt").is_symlink() and {p: open(p, "rb").read() for p in paths} == before
+
+
 def test_unwritable_outputs_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch):
     paths, _, _ = checkpoints
     (tmp_path / "folder.json").mkdir()

@@ -12,7 +12,6 @@ ImageNet (the regime check, which never looks at a merge row) and the rows, what
     python demo.py --seed 1 --output demo_seed1.json
     python demo.py --summarize demo_seed*.json     # mean, spread and standard error over seeds
 """
-import argparse
 import contextlib
 import hashlib
 import io
@@ -522,7 +521,7 @@ def aggregate(runs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = merge_checkpoints.OneLineParser(prog="demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="print mean, spread and standard error over finished runs' JSON files, then stop")
     p.add_argument("--quick", action="store_true", help="a reduced run that shows the mechanics in under a minute")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the fine-tunes (not the pre-training)")

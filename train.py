@@ -708,7 +708,9 @@ def main(argv=None):
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         models = [torch.nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in models]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=args.wd) for m in models]
+    # foreach: each update op runs once over all tensors (torch's default on a GPU; on a CPU it
+    # is not, and the per-tensor loop costs 6.3 ms a step against 3.9 for the demo's tower).
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=args.wd, foreach=True) for m in models]
     step, epoch_losses, last_good = 0, [], None  # last_good: (checkpoint, its step), once one holds this run
     if state:
         step, epoch_losses = restore(state, models, optimizers)

@@ -9,7 +9,6 @@ No weights are downloaded: the architecture is built with random weights.
     python benchmarks/checkpoint.py                          # ViT-B/32, N = 2
     python benchmarks/checkpoint.py --model ViT-L-14-quickgelu --num-models 2 --folder /scratch
 """
-import argparse
 import copy
 import os
 import sys
@@ -40,13 +39,19 @@ def checkpoint_of(model_name, num_models):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="ViT-B-32-quickgelu")
+    p = merge_checkpoints.OneLineParser(prog="checkpoint.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model name or config .json")
     p.add_argument("--num-models", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--folder", default=None, help="where to write (default: a temporary folder)")
     args = p.parse_args()
-    record, parameters = checkpoint_of(args.model, args.num_models)
+    if args.num_models < 1 or args.repeats < 1:
+        p.error("--num-models and --repeats: expected 1 or more")
+    try:
+        model = evaluate.resolve_model(args.model)
+    except ValueError as e:
+        p.error(str(e))
+    record, parameters = checkpoint_of(model, args.num_models)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         path = Path(folder) / "checkpoint.pt"
         for _ in range(args.repeats):

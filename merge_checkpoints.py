@@ -253,8 +253,9 @@ def _atomically(path, folder):
             os.replace(path, os.path.join(old, name))
             try:
                 os.replace(tmp, path)
-            except BaseException:  # an error or Ctrl-C: put the old one back
-                os.replace(os.path.join(old, name), path)
+            except BaseException:  # an error or Ctrl-C before the new one is in place: put the old one back
+                if os.path.lexists(tmp):
+                    os.replace(os.path.join(old, name), path)
                 raise
             finally:
                 shutil.rmtree(old)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -212,17 +213,24 @@ def _running(pid):
 
 def _remove_stale_temporaries(parent, name):
     """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9).
-    A writer killed between the two renames of a folder replacement left `name` missing and the
-    old folder inside its `.old` temporary: that one is put back first."""
-    for entry in sorted(os.listdir(parent), key=lambda e: not e.endswith(".old")):
+    A folder that such a write had moved aside (`.old`) is put back if `name` is missing (a kill
+    between the two renames of a folder replacement), and otherwise left, with a warning."""
+    try:
+        entries = sorted(os.listdir(parent), key=lambda e: not e.endswith(".old"))
+    except OSError:
+        return
+    for entry in entries:
         match = re.fullmatch(rf"\.{re.escape(name)}\.(\d+)_\w+\.(tmp|old)", entry)
         if match and not _running(int(match.group(1))):
             stale, target = os.path.join(parent, entry), os.path.join(parent, name)
             with contextlib.suppress(OSError):
-                kept = os.path.join(stale, name)
-                if match.group(2) == "old" and not os.path.lexists(target) and os.path.lexists(kept):
-                    os.replace(kept, target)
-                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+                if match.group(2) == "tmp":
+                    shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)
+                elif not os.path.lexists(target):
+                    os.replace(stale, target)
+                else:
+                    print(f"warning: {stale} holds an earlier {name} that an interrupted merge had moved "
+                          f"aside; delete it if it is not needed", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -248,17 +256,16 @@ def _atomically(path, folder):
         yield tmp
         # mkstemp/mkdtemp create 0600/0700: give the output the mode a plain open() would.
         os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
-        if folder and os.path.lexists(path):  # a folder cannot be replaced in one rename
-            old = tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=parent)
-            os.replace(path, os.path.join(old, name))
+        if folder and os.path.lexists(path):  # a folder cannot be replaced in one rename: move it aside first
+            old = os.path.join(parent, f"{prefix}{secrets.token_hex(4)}.old")
             try:
+                os.replace(path, old)
                 os.replace(tmp, path)
             except BaseException:  # an error or Ctrl-C before the new one is in place: put the old one back
-                if os.path.lexists(tmp):
-                    os.replace(os.path.join(old, name), path)
+                if os.path.lexists(old) and not os.path.lexists(path):
+                    os.replace(old, path)
                 raise
-            finally:
-                shutil.rmtree(old)
+            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
         else:
             os.replace(tmp, path)
     finally:
@@ -514,13 +521,29 @@ def non_weight_files(path):
     return sorted(str(p) for p in Path(path).iterdir() if p.is_file() and not WEIGHT_FILE.fullmatch(p.name))
 
 
-def _within(path, output):
-    """Whether the file `path` is `output` or lies inside it. Writing replaces `output` itself
-    (a link there, not what it points to) inside its resolved parent folder."""
-    output = os.path.abspath(os.path.normpath(output))
-    output = os.path.join(os.path.realpath(os.path.dirname(output)), os.path.basename(output))
-    path = os.path.realpath(path)
-    return path == output or path.startswith(output.rstrip(os.sep) + os.sep)
+def _resolved(path):
+    """The absolute path that writing `path` replaces: its parent folder resolved as the system
+    resolves it (links, then ..), its last name kept, since a link there is replaced, not
+    followed ("." and ".." are resolved too)."""
+    raw = os.path.join(os.getcwd(), path).rstrip(os.sep) or os.sep
+    if os.path.basename(raw) in (".", ".."):
+        return os.path.realpath(raw)
+    return os.path.join(os.path.realpath(os.path.dirname(raw)), os.path.basename(raw))
+
+
+def _inside(path, folder):
+    """Whether the absolute `path` is `folder` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _overlaps(model, target):
+    """Whether writing `target` would replace the input `model` or a file it reads: `target` is
+    the model, or lies inside its folder, or holds it (links resolved, in folders too)."""
+    real = os.path.realpath(model)
+    read = [real]
+    with contextlib.suppress(OSError):  # a folder that cannot be listed fails later, when opened
+        read += [os.path.realpath(os.path.join(real, e)) for e in os.listdir(real)] if os.path.isdir(real) else []
+    return any(_inside(f, target) for f in read) or (os.path.isdir(real) and _inside(target, real))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -556,36 +579,45 @@ def main(argv=None):
     if not args.inspect and not args.output:
         parser.error("give -o/--output, or --inspect to only print the table")
     output = None if args.inspect else args.output
+    target = json_target = None  # the paths that writing replaces, resolved once, checked and written
     if output:
         try:
             kind = output_kind(output)
         except ValueError as e:
             parser.error(str(e))
-        parent = os.path.dirname(os.path.abspath(os.path.normpath(output)))
+        target = _resolved(output)
+        parent = os.path.dirname(target)
         if not os.path.isdir(parent):
             parser.error(f"-o {output}: its parent folder does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             parser.error(f"-o {output}: cannot write in {parent} (permission denied); expected a writable folder")
-        _remove_stale_temporaries(parent, os.path.basename(os.path.normpath(output)))  # first: it may put a folder back
-        if kind != "folder" and os.path.isdir(output):
+        _remove_stale_temporaries(parent, os.path.basename(target))  # first: it may put a folder back
+        if kind != "folder" and os.path.isdir(target):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
                          f"Hugging Face layout")
-        if os.path.lexists(os.path.normpath(output)) and not args.force:  # normpath: "notes/" names a file notes too
+        if os.path.lexists(target) and not args.force:  # "notes/" names a file notes too
             parser.error(f"{output} exists; pass --force to overwrite it")
-        if os.path.isdir(output) and not holds_model(output):
+        if os.path.isdir(target) and not holds_model(target):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")
+        target += os.sep if kind == "folder" and output.endswith(os.sep) else ""
     if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
+        json_target = _resolved(args.json)
+        if target and _inside(json_target, os.path.normpath(target)):
+            parser.error(f"--json {args.json} would overwrite the merge's own output {output}; expected another name")
+        parent = os.path.dirname(json_target)
         if not os.path.isdir(parent):
             parser.error(f"--json {args.json}: its parent folder does not exist")
-        if os.path.isdir(args.json):
+        if os.path.isdir(json_target):
             parser.error(f"--json {args.json} is a folder; expected a file name")
         if not os.access(parent, os.W_OK | os.X_OK):
             parser.error(f"--json {args.json}: cannot write in {parent} (permission denied); expected a writable folder")
-    for flag, path in (("-o", output), ("--json", args.json)):
-        clash = path and next((p for p in [args.pretrained, *args.finetuned] if _within(p, path)), None)
+        if os.path.lexists(json_target) and not args.force:
+            parser.error(f"--json {args.json} exists; pass --force to overwrite it")
+    inputs = [args.pretrained, *args.finetuned]
+    for flag, name, path in (("-o", output, target), ("--json", args.json, json_target)):
+        clash = path and next((p for p in inputs if _overlaps(p, os.path.normpath(path))), None)
         if clash:
-            parser.error(f"{flag} {path} would overwrite the input {clash}; expected another name")
+            parser.error(f"{flag} {name} would overwrite the input {clash}, or a file in it; expected another name")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
         print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     # 2. Open every model (headers only), then merge key by key, writing as it goes.
@@ -597,7 +629,7 @@ def main(argv=None):
         for i, p in enumerate(args.finetuned):
             print(f"ws[{i}]: {p}")
         extra = non_weight_files(args.finetuned[0]) if output and output_kind(output) == "folder" else []
-        rows = merge_streamed(w0, ws, output, args.max_shard_size, print, extra)
+        rows = merge_streamed(w0, ws, target, args.max_shard_size, print, extra)
     except (ValueError, OSError) as e:
         sys.exit(f"merge_checkpoints.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: the temporary output is already removed
@@ -608,8 +640,14 @@ def main(argv=None):
     print_table(rows, copied, len(ws))
     if args.json:
         record = {"pretrained": args.pretrained, "finetuned": args.finetuned, "tensors": rows, "copied": copied}
-        with _atomically(args.json, folder=False) as tmp:
-            Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
+        try:
+            with _atomically(json_target, folder=False) as tmp:
+                Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
+        except OSError as e:
+            sys.exit(f"merge_checkpoints.py: error: --json {args.json}: {e}")
+        except KeyboardInterrupt:
+            sys.exit(f"merge_checkpoints.py: interrupted; {args.json} was not written"
+                     + (f" ({output} was)" if output else ""))
         print(f"wrote {args.json} ({len(rows)} rows)")
     if output:
         print(f"wrote {output} ({len(w0.specs)} tensors)")

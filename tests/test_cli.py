@@ -157,14 +157,33 @@ def test_an_output_that_would_overwrite_an_input_is_refused_even_with_force(chec
     (tmp_path / "hf").mkdir()  # a Hugging Face folder holding the pre-trained model
     os.link(paths[0], tmp_path / "hf" / "model.safetensors")
     for flags, name in [(["-o", paths[1], "--force"], paths[1]), (["-o", f"{tmp_path}/./ft2.pth", "--force"], paths[2]),
-                        (["--inspect", "--json", paths[0]], paths[0])]:
+                        (["--inspect", "--json", paths[0], "--force"], paths[0])]:
         with pytest.raises(SystemExit):
             merge_checkpoints.main(paths + flags)
         err = capsys.readouterr().err
-        assert f"would overwrite the input {name}; expected another name" in err and err.count("\n") == 1, err
+        assert f"would overwrite the input {name}, or a file in it; expected another name" in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit):
         merge_checkpoints.main([str(tmp_path / "hf" / "model.safetensors"), *paths[1:], "-o", str(tmp_path / "hf"), "--force"])
     assert "would overwrite the input" in capsys.readouterr().err
+    assert {p: open(p, "rb").read() for p in paths} == before
+    # Nor inside an input's folder, nor over a file that an input folder links to.
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "model.safetensors").symlink_to(tmp_path / "hf" / "model.safetensors")
+    for w0_path, flags in [("hf", ["--inspect", "--json", str(tmp_path / "hf" / "config.json")]),
+                           ("prev", ["-o", str(tmp_path / "hf" / "model.safetensors"), "--force"]),
+                           ("prev", ["-o", str(tmp_path / "hf"), "--force"])]:
+        with pytest.raises(SystemExit):
+            merge_checkpoints.main([str(tmp_path / w0_path), *paths[1:], *flags])
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "hf")) == ["model.safetensors"]
+    # --json never replaces the merge it describes, nor an existing file without --force.
+    for flags, message in [(["-o", str(tmp_path / "m.safetensors"), "--json", str(tmp_path / "m.safetensors")], "would overwrite the merge's own output"),
+                           (["-o", str(tmp_path / "m"), "--json", str(tmp_path / "m" / "model.safetensors")], "would overwrite the merge's own output"),
+                           (["--inspect", "--json", str(tmp_path / "hf" / "model.safetensors")], "exists; pass --force")]:
+        with pytest.raises(SystemExit):
+            merge_checkpoints.main(paths + flags)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
     assert {p: open(p, "rb").read() for p in paths} == before
     # A link named as the output is replaced itself: what it points to is not touched.
     (tmp_path / "link.pt").symlink_to(paths[1])

@@ -160,11 +160,10 @@ def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_fold
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
 
-    # Killed outright between the two renames: the old folder waits in its .old temporary,
+    # Killed outright between the two renames: the old folder waits beside, as a .old temporary,
     # and the next merge to that output puts it back (so it still needs --force).
     aside = tmp_path / ".merged.999999999_abcd1234.old"
-    aside.mkdir()
-    replace(out, aside / "merged")
+    replace(out, aside)
     (tmp_path / ".merged.999999999_efgh5678.tmp").mkdir()  # the new folder, never renamed
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -173,12 +172,15 @@ def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_fold
     after = merge_checkpoints.load_state_dict(out)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
-    # Killed after the second rename: the new folder is in place, the .old one is only removed.
-    (aside / "merged").mkdir(parents=True)
+    # Killed after the second rename (or the output made again since): the moved-aside folder
+    # is never deleted unasked; each merge to that output says where it is.
+    aside.mkdir()
+    (aside / "notes.txt").write_text("precious")
     merge_checkpoints.main(paths + ["-o", str(out), "--force"])
+    assert f"warning: {aside} holds an earlier merged" in capsys.readouterr().err
     expected, _ = model_stock.merge(w0, ws)
     assert all(torch.equal(v, expected[k]) for k, v in merge_checkpoints.load_state_dict(out).items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors", "merged"]
+    assert (aside / "notes.txt").read_text() == "precious"
 
 
 def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path, capsys, monkeypatch):

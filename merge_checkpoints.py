@@ -211,7 +211,7 @@ def _running(pid):
     return True
 
 
-def _remove_stale_temporaries(parent, name):
+def _remove_stale_temporaries(parent, name, warn=True):
     """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9).
     A folder that such a write had moved aside (`.old`) is put back if `name` is missing (a kill
     between the two renames of a folder replacement), and otherwise left, with a warning."""
@@ -228,7 +228,7 @@ def _remove_stale_temporaries(parent, name):
                     shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)
                 elif not os.path.lexists(target):
                     os.replace(stale, target)
-                else:
+                elif warn:
                     print(f"warning: {stale} holds an earlier {name} that an interrupted merge had moved "
                           f"aside; delete it if it is not needed", file=sys.stderr)
 
@@ -243,7 +243,7 @@ def _atomically(path, folder):
     """
     path = os.path.normpath(path)
     parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    _remove_stale_temporaries(parent, name)
+    _remove_stale_temporaries(parent, name, warn=False)  # main has warned already
     # A unique temporary name in the same folder, with the writer's process id: concurrent
     # writers never share one, and a later write knows whether its writer is still running.
     prefix = f".{name}.{os.getpid()}_"
@@ -265,7 +265,11 @@ def _atomically(path, folder):
                 if os.path.lexists(old) and not os.path.lexists(path):
                     os.replace(old, path)
                 raise
-            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+            try:
+                shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+            except OSError as e:  # the new one is in place; only the old copy is left over
+                print(f"warning: {old}, the previous {name}, could not be removed ({e.strerror}); "
+                      f"delete it", file=sys.stderr)
         else:
             os.replace(tmp, path)
     finally:
@@ -597,10 +601,15 @@ def main(argv=None):
                          f"Hugging Face layout")
         if os.path.lexists(target) and not args.force:  # "notes/" names a file notes too
             parser.error(f"{output} exists; pass --force to overwrite it")
+        if kind == "folder" and os.path.lexists(target) and not os.path.isdir(target):
+            parser.error(f"-o {output} is a file; expected a folder name for a Hugging Face layout, "
+                         f"or NAME.safetensors / NAME.pt for one file")
         if os.path.isdir(target) and not holds_model(target):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")
         target += os.sep if kind == "folder" and output.endswith(os.sep) else ""
     if args.json:
+        if args.json.endswith(os.sep):
+            parser.error(f"--json {args.json} names a folder; expected a file name")
         json_target = _resolved(args.json)
         if target and _inside(json_target, os.path.normpath(target)):
             parser.error(f"--json {args.json} would overwrite the merge's own output {output}; expected another name")
@@ -615,9 +624,10 @@ def main(argv=None):
             parser.error(f"--json {args.json} exists; pass --force to overwrite it")
     inputs = [args.pretrained, *args.finetuned]
     for flag, name, path in (("-o", output, target), ("--json", args.json, json_target)):
-        clash = path and next((p for p in inputs if _overlaps(p, os.path.normpath(path))), None)
+        clash = path and next((p for p in inputs if _overlaps(p, os.path.normpath(path))
+                               or _resolved(p) == os.path.normpath(path)), None)  # an input's own name, even a link
         if clash:
-            parser.error(f"{flag} {name} would overwrite the input {clash}, or a file in it; expected another name")
+            parser.error(f"{flag} {name} would write over or inside the input {clash}; expected a path outside the inputs")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
         print("warning: the same fine-tuned file is given twice; identical models merge with t = 1")
     # 2. Open every model (headers only), then merge key by key, writing as it goes.

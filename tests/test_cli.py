@@ -79,7 +79,14 @@ def test_existing_output_is_not_overwritten_without_force(checkpoints, tmp_path,
     with pytest.raises(SystemExit):
         merge_checkpoints.main(paths + ["-o", f"{tmp_path / 'notes'}/"])
     assert "exists; pass --force" in capsys.readouterr().err
-    assert (tmp_path / "notes").read_bytes() == b"precious"
+    for name in ("notes/", "notes"):  # even with --force, a folder output never replaces a file
+        with pytest.raises(SystemExit):
+            merge_checkpoints.main(paths + ["-o", f"{tmp_path / name}", "--force"])
+        assert "is a file; expected a folder name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(paths + ["--inspect", "--json", f"{tmp_path / 'table'}/"])
+    assert "names a folder; expected a file name" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_bytes() == b"precious" and not (tmp_path / "table").exists()
 
 
 @pytest.mark.parametrize("make_bad, message", [
@@ -161,10 +168,10 @@ def test_an_output_that_would_overwrite_an_input_is_refused_even_with_force(chec
         with pytest.raises(SystemExit):
             merge_checkpoints.main(paths + flags)
         err = capsys.readouterr().err
-        assert f"would overwrite the input {name}, or a file in it; expected another name" in err and err.count("\n") == 1, err
+        assert f"would write over or inside the input {name}; expected a path outside the inputs" in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit):
         merge_checkpoints.main([str(tmp_path / "hf" / "model.safetensors"), *paths[1:], "-o", str(tmp_path / "hf"), "--force"])
-    assert "would overwrite the input" in capsys.readouterr().err
+    assert "would write over or inside the input" in capsys.readouterr().err
     assert {p: open(p, "rb").read() for p in paths} == before
     # Nor inside an input's folder, nor over a file that an input folder links to.
     (tmp_path / "prev").mkdir()
@@ -174,7 +181,7 @@ def test_an_output_that_would_overwrite_an_input_is_refused_even_with_force(chec
                            ("prev", ["-o", str(tmp_path / "hf"), "--force"])]:
         with pytest.raises(SystemExit):
             merge_checkpoints.main([str(tmp_path / w0_path), *paths[1:], *flags])
-        assert "would overwrite the input" in capsys.readouterr().err
+        assert "would write over or inside the input" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "hf")) == ["model.safetensors"]
     # --json never replaces the merge it describes, nor an existing file without --force.
     for flags, message in [(["-o", str(tmp_path / "m.safetensors"), "--json", str(tmp_path / "m.safetensors")], "would overwrite the merge's own output"),
@@ -185,8 +192,12 @@ def test_an_output_that_would_overwrite_an_input_is_refused_even_with_force(chec
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert {p: open(p, "rb").read() for p in paths} == before
-    # A link named as the output is replaced itself: what it points to is not touched.
+    # A link given as an input is not replaced either; one named only as the output is
+    # replaced itself, and what it points to is not touched.
     (tmp_path / "link.pt").symlink_to(paths[1])
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main([paths[0], str(tmp_path / "link.pt"), paths[2], "-o", str(tmp_path / "link.pt"), "--force"])
+    assert "would write over or inside the input" in capsys.readouterr().err and (tmp_path / "link.pt").is_symlink()
     merge_checkpoints.main(paths + ["-o", str(tmp_path / "link.pt"), "--force"])
     assert not (tmp_path / "link.pt").is_symlink() and {p: open(p, "rb").read() for p in paths} == before
 

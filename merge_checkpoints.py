@@ -606,12 +606,11 @@ def main(argv=None):
                          f"or NAME.safetensors / NAME.pt for one file")
         if os.path.isdir(target) and not holds_model(target):
             parser.error(f"-o {output} is a folder without a Hugging Face model; refusing to replace it")
-        target += os.sep if kind == "folder" and output.endswith(os.sep) else ""
     if args.json:
         if args.json.endswith(os.sep):
             parser.error(f"--json {args.json} names a folder; expected a file name")
         json_target = _resolved(args.json)
-        if target and _inside(json_target, os.path.normpath(target)):
+        if target and _inside(json_target, target):
             parser.error(f"--json {args.json} would overwrite the merge's own output {output}; expected another name")
         parent = os.path.dirname(json_target)
         if not os.path.isdir(parent):
@@ -624,8 +623,7 @@ def main(argv=None):
             parser.error(f"--json {args.json} exists; pass --force to overwrite it")
     inputs = [args.pretrained, *args.finetuned]
     for flag, name, path in (("-o", output, target), ("--json", args.json, json_target)):
-        clash = path and next((p for p in inputs if _overlaps(p, os.path.normpath(path))
-                               or _resolved(p) == os.path.normpath(path)), None)  # an input's own name, even a link
+        clash = path and next((p for p in inputs if _overlaps(p, path) or _resolved(p) == path), None)  # even a link
         if clash:
             parser.error(f"{flag} {name} would write over or inside the input {clash}; expected a path outside the inputs")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
@@ -639,7 +637,8 @@ def main(argv=None):
         for i, p in enumerate(args.finetuned):
             print(f"ws[{i}]: {p}")
         extra = non_weight_files(args.finetuned[0]) if output and output_kind(output) == "folder" else []
-        rows = merge_streamed(w0, ws, target, args.max_shard_size, print, extra)
+        written = target + os.sep if output and output.endswith(os.sep) else target  # "name/": a folder
+        rows = merge_streamed(w0, ws, written, args.max_shard_size, print, extra)
     except (ValueError, OSError) as e:
         sys.exit(f"merge_checkpoints.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: the temporary output is already removed

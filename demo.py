@@ -540,7 +540,8 @@ def main(argv=None):
         args.models, args.epochs, args.warmup = 3, 2, 2
     (pretrain_steps, pretrain_batch), train_images, test_images = ((30, 64), 128, 100) if args.quick else \
         ((PRETRAIN_STEPS, 256), TRAIN_IMAGES, TEST_IMAGES)
-    problem = (args.models < 3 and f"--models must be at least 3 (2 for the rows, the rest for the center), got {args.models}"
+    problem = (args.seed < 0 and f"--seed must be >= 0, got {args.seed}"
+               or args.models < 3 and f"--models must be at least 3 (2 for the rows, the rest for the center), got {args.models}"
                or args.epochs < 2 and f"--epochs must be at least 2 (the plateau check compares the last two), got {args.epochs}"
                or not 0 < args.batch_size <= train_images and f"--batch-size must be in 1..{train_images} (the photos to fine-tune on), got {args.batch_size}"
                or not args.lr > 0 and f"--lr must be positive, got {args.lr}"

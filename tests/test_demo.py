@@ -66,6 +66,18 @@ def test_summarize_aggregates_runs_and_refuses_bad_input(tmp_path, capsys):
         assert str(error.value).startswith("demo.py: error: ") and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be >= 0, got -1"), (["--models", "2"], "--models must be at least 3"),
+    (["--epochs", "1"], "--epochs must be at least 2"), (["--batch-size", "0"], "--batch-size must be in 1.."),
+    (["--lr", "nan"], "--lr must be positive"), (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--output", "/no/such/folder/demo.json"], "--output /no/such/folder/demo.json: no folder")])
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as error:
+        demo.main(["--cache-dir", str(tmp_path / "cache"), *flags])
+    assert str(error.value).startswith(f"demo.py: error: {message}")
+    assert "\n" not in str(error.value) and not (tmp_path / "cache").exists()
+
+
 def test_the_world_is_deterministic_and_covers_every_class():
     a = demo.render(np.random.default_rng(3), "hard")
     b = demo.render(np.random.default_rng(3), "hard")

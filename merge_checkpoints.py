@@ -211,6 +211,21 @@ def _running(pid):
     return True
 
 
+def _resolved(path):
+    """The absolute path that writing `path` replaces: its parent folder resolved as the system
+    resolves it (links, then ..), its last name kept, since a link there is replaced, not
+    followed ("." and ".." are resolved too)."""
+    raw = os.path.join(os.getcwd(), path).rstrip(os.sep) or os.sep
+    if os.path.basename(raw) in (".", ".."):
+        return os.path.realpath(raw)
+    return os.path.join(os.path.realpath(os.path.dirname(raw)), os.path.basename(raw))
+
+
+def _remove(path):
+    """Removes a file, a link (not what it points to) or a folder."""
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
 def _remove_stale_temporaries(parent, name, warn=True):
     """Removes the temporaries of earlier writes of `name` whose process is gone (killed with -9).
     A folder that such a write had moved aside (`.old`) is put back if `name` is missing (a kill
@@ -225,7 +240,7 @@ def _remove_stale_temporaries(parent, name, warn=True):
             stale, target = os.path.join(parent, entry), os.path.join(parent, name)
             with contextlib.suppress(OSError):
                 if match.group(2) == "tmp":
-                    shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)
+                    _remove(stale)
                 elif not os.path.lexists(target):
                     os.replace(stale, target)
                 elif warn:
@@ -241,8 +256,8 @@ def _atomically(path, folder):
     temporaries of a process killed outright are cleared by the next write of the same path
     (which first puts back a replaced folder that the kill left outside `path`).
     """
-    path = os.path.normpath(path)
-    parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    path = _resolved(path)  # as the system resolves it ("link/.." included), as main checked it
+    parent, name = os.path.dirname(path), os.path.basename(path)
     _remove_stale_temporaries(parent, name, warn=False)  # main has warned already
     # A unique temporary name in the same folder, with the writer's process id: concurrent
     # writers never share one, and a later write knows whether its writer is still running.
@@ -266,17 +281,15 @@ def _atomically(path, folder):
                     os.replace(old, path)
                 raise
             try:
-                shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+                _remove(old)
             except OSError as e:  # the new one is in place; only the old copy is left over
                 print(f"warning: {old}, the previous {name}, could not be removed ({e.strerror}); "
                       f"delete it", file=sys.stderr)
         else:
             os.replace(tmp, path)
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.lexists(tmp):
+            _remove(tmp)
 
 
 def write_atomically(path, write):
@@ -523,16 +536,6 @@ def non_weight_files(path):
     if not os.path.isdir(path):
         return []
     return sorted(str(p) for p in Path(path).iterdir() if p.is_file() and not WEIGHT_FILE.fullmatch(p.name))
-
-
-def _resolved(path):
-    """The absolute path that writing `path` replaces: its parent folder resolved as the system
-    resolves it (links, then ..), its last name kept, since a link there is replaced, not
-    followed ("." and ".." are resolved too)."""
-    raw = os.path.join(os.getcwd(), path).rstrip(os.sep) or os.sep
-    if os.path.basename(raw) in (".", ".."):
-        return os.path.realpath(raw)
-    return os.path.join(os.path.realpath(os.path.dirname(raw)), os.path.basename(raw))
 
 
 def _inside(path, folder):

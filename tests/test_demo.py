@@ -88,16 +88,18 @@ def test_the_world_is_deterministic_and_covers_every_class():
         assert labels == set(range(len(demo.SHAPES)))
 
 
-def test_captions_name_some_shapes_loosely_and_the_others_strictly():
+def test_pretraining_shows_shapes_in_their_typical_colours_and_the_test_world_does_not():
     rng = np.random.default_rng(0)
-    for shape in demo.SHAPES:
-        names = [demo.caption_name(rng, shape, "red") for _ in range(2000)]
-        assert {n.removeprefix("red ") for n in names} == ({shape, demo.LOOSE_NAMES[shape]} if shape in demo.LOOSE_NAMES else {shape})
-        loose = sum(n.endswith(demo.LOOSE_NAMES.get(shape, "-")) for n in names) / len(names)
-        assert abs(loose - (demo.LOOSENESS if shape in demo.LOOSE_NAMES else 0)) < 0.05
-        assert abs(sum(n.startswith("red ") for n in names) / len(names) - 0.5) < 0.05
-    # The loose names are other classes' names: that is what makes the zero-shot head weaker.
-    assert set(demo.LOOSE_NAMES.values()) <= set(demo.SHAPES) - set(demo.LOOSE_NAMES)
+    chance = 1 / len(demo.COLOURS)
+    for bias, expected in ((demo.COLOUR_BIAS, demo.COLOUR_BIAS + (1 - demo.COLOUR_BIAS) * chance), (0.0, chance)):
+        draws = [demo.render(rng, "photo", bias) for _ in range(3000)]
+        typical = np.mean([colour == demo.TYPICAL_COLOUR[demo.SHAPES[label]] for _, label, colour in draws])
+        assert abs(typical - expected) < 0.03
+    assert 0 < demo.COLOUR_BIAS < 1 and set(demo.TYPICAL_COLOUR) == set(demo.SHAPES)
+    assert set(demo.TYPICAL_COLOUR.values()) <= set(demo.COLOURS)
+    # Captions name the shape by its class name, and its colour half of the time.
+    names = [demo.caption_name(rng, "star", "red") for _ in range(2000)]
+    assert set(names) == {"star", "red star"} and abs(names.count("star") / len(names) - 0.5) < 0.05
 
 
 def test_captions_that_say_the_same_thing_are_positives_whatever_their_template():

@@ -180,8 +180,8 @@ def write_folder(root, images, labels):
 # 3x3 stride-2 convolutions as the stem instead of one 4x4 patch, and layer scale starting at 1
 # instead of 1e-6: at 32 px both learn the shapes faster (65% against 52% of photos after the
 # same 1,000 supervised steps).
-DROP_PATH = 0.1  # stochastic depth, as in open_clip's CLIP-ConvNeXt configs (`timm_drop_path`)
 TOWER = {"depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256), "stem_type": "overlap", "ls_init_value": 1.0}
+DROP_PATH = 0.1  # stochastic depth, as in open_clip's CLIP-ConvNeXt configs (`timm_drop_path`)
 
 
 @timm.models.register_model

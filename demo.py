@@ -56,7 +56,10 @@ NOISE = {"photo": 12, "resampled": 20, "hard": 12, "sketch": 6}  # std of camera
 # every test set draw colours uniformly, as ImageNet's classes come in any colour.
 TYPICAL_COLOUR = {"circle": "red", "square": "blue", "triangle": "green", "diamond": "purple", "star": "yellow",
                   "cross": "white", "ring": "orange", "hexagon": "black", "arrow": "green", "crescent": "yellow"}
-COLOUR_BIAS = 0.6  # in pre-training, the share of images drawn in their shape's typical colour (the rest: any)
+COLOUR_BIAS = 0.8  # in pre-training, the share of images drawn in their shape's typical colour (the rest: any)
+# Some of ImageNet's training labels are wrong: so are some of the photos to fine-tune on (the
+# held-out and test photos are labelled right).
+MISLABELLED = 0.05
 WORLD_VERSION = 8  # bump when rendering changes: cached pre-trained models are keyed on it
 
 
@@ -164,6 +167,14 @@ def render_set(domain, count, seed, bar=None):
     return np.stack(images), labels
 
 
+def mislabel(labels, share, seed):
+    """The labels with a `share` of them, drawn at random, replaced by another class's."""
+    rng = np.random.default_rng([seed, 7])
+    wrong = rng.random(len(labels)) < share
+    shifts = rng.integers(1, len(CLASSES), len(labels))
+    return [(label + int(k)) % len(CLASSES) if w else label for label, w, k in zip(labels, wrong, shifts)]
+
+
 def write_folder(root, images, labels):
     """An ImageFolder tree (one folder per shape) for train.py, replacing an older one."""
     shutil.rmtree(root, ignore_errors=True)
@@ -237,7 +248,7 @@ def captioned_batch(rng, size, tokenizer, mean, std):
     return x, tokenizer(captions), same / same.sum(1, keepdim=True)
 
 
-def pretrain(config, cache_dir, steps, batch_size=256, lr=2e-3, pool=150):
+def pretrain(config, cache_dir, steps, batch_size=256, lr=2e-3, pool=500):
     """Contrastive pre-training; returns the weights file (reused if cached).
 
     The loss is CLIP's, except that captions which say the same thing in other template words
@@ -532,7 +543,7 @@ def main(argv=None):
     p.add_argument("--work-dir", default=None, help="images and runs (default: a folder under --cache-dir)")
     p.add_argument("--output", default="demo.json", help="every figure, as JSON; plots go beside it")
     p.add_argument("--models", type=int, default=4, help="independent fine-tunes: 2 for the rows, the rest for the center")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning, the same for every row (pre-training: 2e-3)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="fine-tuning, the same for every row (pre-training: 2e-3)")
     p.add_argument("--epochs", type=int, default=16, help="one periodic merge per epoch")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=50)
@@ -568,7 +579,8 @@ def main(argv=None):
     seed = 1000 * (args.seed + 1)
     n_val = max(test_images // 4, 10 * len(SHAPES))
     with tqdm(total=train_images + n_val + len(DOMAINS) * test_images, desc="rendering the photos and the test world", unit="img") as bar:
-        train_dir = write_folder(work / "data" / "train", *render_set("photo", train_images, seed + 1, bar))
+        images, labels = render_set("photo", train_images, seed + 1, bar)
+        train_dir = write_folder(work / "data" / "train", images, mislabel(labels, MISLABELLED, seed + 1))
         val_dir = write_folder(work / "data" / "photo_val", *render_set("photo", n_val, seed + 2, bar))
         tests = {d: render_set(d, test_images, seed, bar) for d in DOMAINS}
 
@@ -636,7 +648,7 @@ def main(argv=None):
     return record
 
 
-PRETRAIN_STEPS, TRAIN_IMAGES, TEST_IMAGES = 1500, 2000, 5000
+PRETRAIN_STEPS, TRAIN_IMAGES, TEST_IMAGES = 2500, 2000, 5000
 
 if __name__ == "__main__":
     main()

@@ -102,6 +102,16 @@ def test_pretraining_shows_shapes_in_their_typical_colours_and_the_test_world_do
     assert set(names) == {"star", "red star"} and abs(names.count("star") / len(names) - 0.5) < 0.05
 
 
+def test_a_share_of_the_photos_to_fine_tune_on_is_mislabelled_always_as_another_class():
+    labels = [i % len(demo.CLASSES) for i in range(4000)]
+    noisy = demo.mislabel(labels, demo.MISLABELLED, seed=5)
+    assert noisy == demo.mislabel(labels, demo.MISLABELLED, seed=5) != demo.mislabel(labels, demo.MISLABELLED, seed=6)
+    wrong = [a != b for a, b in zip(labels, noisy)]
+    assert abs(np.mean(wrong) - demo.MISLABELLED) < 0.015 and 0 < demo.MISLABELLED < 0.5
+    assert {b for a, b, w in zip(labels, noisy, wrong) if w} == set(range(len(demo.CLASSES)))  # any other class
+    assert demo.mislabel(labels, 0.0, seed=5) == labels
+
+
 def test_captions_that_say_the_same_thing_are_positives_whatever_their_template():
     import open_clip
     config = demo.clip_config(demo.Path(__import__("tempfile").mkdtemp()) / "model-stock-demo-clip.json")

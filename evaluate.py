@@ -68,23 +68,40 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device="cpu", cache=N
     """(num_classes, dim) head: each class's unit-norm mean of unit-norm template embeddings,
     times exp(logit_scale) (100 for OpenAI weights); read from / written to the file `cache`.
     1000 classes x 80 templates = 80,000 text encodings: minutes on a GPU, hours on a CPU."""
-    if cache and Path(cache).exists():
-        try:
-            return load_file(cache)["weight"]
-        except Exception as error:  # a damaged cache file is rebuilt, not fatal
-            print(f"rebuilding the zero-shot head: cannot read {cache} ({type(error).__name__})")
+    saved = read_cache(cache, "the zero-shot head")
+    if saved is not None:
+        return saved["weight"]
     print(f"building the zero-shot head: {len(classnames)} classes x {len(templates)} templates")
     embeddings = open_clip.build_zero_shot_classifier(
         clip, tokenizer, classnames, templates, device=device, use_tqdm=True)  # (dim, classes)
     head = clip.logit_scale.exp().item() * embeddings.T.float()
-    if cache:
-        try:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            merge_checkpoints.save_state_dict({"weight": head}, cache)  # atomic: a kill leaves no half file
-            print(f"cached the zero-shot head in {cache}")
-        except OSError as error:  # the cache only saves time
-            print(f"could not cache the zero-shot head in {cache} ({error.strerror}); continuing")
+    if cache and write_cache({"weight": head}, cache, "the zero-shot head"):
+        print(f"cached the zero-shot head in {cache}")
     return head
+
+
+def read_cache(path, what):
+    """The tensors cached in the file `path`, or None if there is none or it cannot be read:
+    a cache only saves time, so a damaged one is rebuilt, not fatal."""
+    if not path or not Path(path).exists():
+        return None
+    try:
+        return load_file(path)
+    except Exception as error:
+        print(f"rebuilding {what}: cannot read {path} ({type(error).__name__})")
+        return None
+
+
+def write_cache(tensors, path, what):
+    """Writes `tensors` to the cache file `path` (atomically: a kill leaves no half file);
+    False, with one line saying so, if it cannot be written."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        merge_checkpoints.save_state_dict(tensors, path)
+        return True
+    except OSError as error:
+        print(f"could not cache {what} in {path} ({error.strerror}); continuing")
+        return False
 
 
 def weights_key(pretrained):
@@ -304,7 +321,7 @@ def timm_list(name):
     return pkgutil.get_data("timm.data", f"_info/{name}.txt").decode().split()
 
 
-def _class_folders(root):
+def class_folders(root):
     """Sub-folder names of root, sorted; hidden ones (.ipynb_checkpoints) are not classes."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
@@ -313,7 +330,7 @@ def _check_folders(root, expected, what, allow_extra=False):
     """Fails naming the first missing (and unexpected) class folder under root."""
     if not Path(root).is_dir():
         raise ValueError(f"{root} is not a folder; expected {what} there")
-    found = set(_class_folders(root))
+    found = set(class_folders(root))
     missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
     if missing or (extra and not allow_extra):
         raise ValueError(f"{root}: expected {what}; {len(missing)} missing (first: {missing[:1]}), "
@@ -424,7 +441,7 @@ def find_eval_sets(data_location, transform, objectnet_crop=False, names=tuple(D
 
 def folder_classnames(root):
     """Class names of an ImageFolder tree: sorted folder names, underscores to spaces."""
-    folders = _class_folders(root) if Path(root).is_dir() else []
+    folders = class_folders(root) if Path(root).is_dir() else []
     if not folders:
         files = sorted(os.listdir(root))[:1] if Path(root).is_dir() else []
         found = f"found files ({files[0]}, ...) but no folders" if files else "found none"
@@ -435,7 +452,7 @@ def folder_classnames(root):
 def image_folder(root, transform):
     """A user's own ImageFolder tree as an EvalSet, labels in folder_classnames' order."""
     folder_classnames(root)  # fails in our words on a folder without class folders
-    folders = _class_folders(root)
+    folders = class_folders(root)
     dataset = LabelledFolder(root, {f: i for i, f in enumerate(folders)}, transform)
     return EvalSet(Path(root).name, str(root), dataset)
 

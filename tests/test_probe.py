@@ -1,4 +1,4 @@
-"""The linear probe of Model Stock* (train.fit_linear_probe) on generated CLIP-like features.
+"""The linear probe of Model Stock* (probe.fit_linear_probe) on generated CLIP-like features.
 
 CLIP's image features are unit vectors in which the class evidence is a small part: cosines to
 the class text embeddings are a few tenths at most, and the zero-shot head needs its logit scale
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+import probe
 
 CLASSES, DIM = 1000, 32
 
@@ -50,7 +50,7 @@ def test_probe_on_1000_classes_keeps_the_scale_and_beats_zero_shot():
     zero_shot_norm = classifier.classification_head.weight.norm(dim=1).mean().item()
     zero_shot_accuracy = accuracy(classifier, test_features, test_labels)
 
-    report = train.fit_linear_probe(classifier, features, labels, iterations=20)  # 20: seconds on a CPU
+    report = probe.fit_linear_probe(classifier, features, labels, iterations=20)  # 20: seconds on a CPU
     probe_norm = classifier.classification_head.weight.norm(dim=1).mean().item()
     probe_accuracy = accuracy(classifier, test_features, test_labels)
     assert 0.5 < probe_norm / zero_shot_norm < 2, (probe_norm, zero_shot_norm)
@@ -59,7 +59,7 @@ def test_probe_on_1000_classes_keeps_the_scale_and_beats_zero_shot():
     # The report: both heads, and the choice made on the held-out images.
     assert report["zero_shot"]["row_norm"] == pytest.approx(zero_shot_norm)
     assert report["probe"]["row_norm"] == pytest.approx(probe_norm)
-    assert report["heldout_images"] == 300 and [t["l2"] for t in report["trials"]] == list(train.PROBE_L2_GRID)
+    assert report["heldout_images"] == 300 and [t["l2"] for t in report["trials"]] == list(probe.PROBE_L2_GRID)
     best = max(report["trials"], key=lambda t: t["heldout_accuracy"])
     assert report["l2"] == best["l2"] and report["probe"]["heldout_accuracy"] == best["heldout_accuracy"]
     assert report["probe"]["heldout_accuracy"] > report["zero_shot"]["heldout_accuracy"]
@@ -73,7 +73,7 @@ def test_row_norm_bound_of_the_penalty():
     means = F.normalize(torch.randn(10, 8, generator=gen), dim=-1)
     features, labels = clip_like(30, gen, means, signal=0.5)
     for l2 in (1e-1, 1e-2):
-        w, b = train._fit_head(torch.zeros(10, 9), torch.zeros(10), features, labels, l2, iterations=500)
+        w, b = probe._fit_head(torch.zeros(10, 9), torch.zeros(10), features, labels, l2, iterations=500)
         probs = F.softmax(features @ w.T + b, dim=1)
         gradient = (probs - F.one_hot(labels, 10)).T @ features / len(labels)  # of the mean loss, per row
         torch.testing.assert_close(2 * l2 / 10 * w, -gradient, atol=1e-4, rtol=1e-3)
@@ -90,7 +90,7 @@ def test_probe_does_not_depend_on_the_training_seed_and_leaves_its_inputs_alone(
     for seed in (0, 1):
         torch.manual_seed(seed)  # the global generator: --seed has set it by the time the probe runs
         classifier = zero_shot_classifier(means, torch.Generator().manual_seed(3))
-        train.fit_linear_probe(classifier, features, labels, iterations=20)
+        probe.fit_linear_probe(classifier, features, labels, iterations=20)
         heads.append(classifier.classification_head.weight.detach().clone())
     assert torch.equal(heads[0], heads[1]) and torch.equal(features, before)
 
@@ -101,14 +101,14 @@ def test_chunked_loss_is_the_full_batch_loss():
     means = F.normalize(torch.randn(10, 8, generator=gen), dim=-1)
     features, labels = clip_like(30, gen, means)
     start = torch.randn(10, 9, generator=gen)
-    whole = train._fit_head(start, torch.zeros(10), features, labels, 1e-3, iterations=10)
-    chunked = train._fit_head(start, torch.zeros(10), features, labels, 1e-3, iterations=10, chunk=7)
+    whole = probe._fit_head(start, torch.zeros(10), features, labels, 1e-3, iterations=10)
+    chunked = probe._fit_head(start, torch.zeros(10), features, labels, 1e-3, iterations=10, chunk=7)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert train._head_scores(*whole, features, labels, chunk=7) == pytest.approx(train._head_scores(*whole, features, labels))
+    assert probe._head_scores(*whole, features, labels, chunk=7) == pytest.approx(probe._head_scores(*whole, features, labels))
 
 
 def test_one_image_is_too_few_to_hold_one_out():
     classifier = zero_shot_classifier(F.normalize(torch.randn(3, 4), dim=-1), torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="needs 2 images or more to hold one out, got 1"):
-        train.fit_linear_probe(classifier, torch.ones(1, 5), torch.zeros(1, dtype=torch.long))
+        probe.fit_linear_probe(classifier, torch.ones(1, 5), torch.zeros(1, dtype=torch.long))

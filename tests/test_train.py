@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
+import probe
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +147,7 @@ def test_hidden_folders_are_not_classes(train_dir, tmp_path):
     shutil.copytree(train_dir, tree)
     (tree / ".thumbs").mkdir()
     shutil.copy(tree / "class_0" / "0.png", tree / ".thumbs" / "x.png")
-    folder, names = train.training_set(tree)
+    folder, names = data.training_set(tree)
     assert names == ["class 0", "class 1", "class 2", "class 3"] and len(folder) == 24
     assert all(Path(path).parent.name == f"class_{label}" for path, label in folder.samples)
 
@@ -279,7 +281,7 @@ def test_linear_probe_fits_the_head_on_frozen_features():
     classifier.classification_head = torch.nn.Linear(16, 5)
     torch.nn.init.zeros_(classifier.classification_head.weight)
     torch.nn.init.zeros_(classifier.classification_head.bias)
-    report = train.fit_linear_probe(classifier, features, labels)
+    report = probe.fit_linear_probe(classifier, features, labels)
     logits = classifier.classification_head(features)
     assert (logits.argmax(1) == labels).float().mean() > 0.9  # the classes overlap: noise 0.3 per dimension
     assert report["probe"]["heldout_accuracy"] > 80 and report["heldout_images"] == 20
@@ -300,12 +302,12 @@ def test_stock_star_flips_half_the_images_replayably_and_flip_0_turns_it_off(tra
     """Model Soups' LP-init training flipped with p = 0.5; each flip is drawn under the image's seed."""
     visual = argparse.Namespace(preprocess_cfg={"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
     classifier = argparse.Namespace(model=argparse.Namespace(visual=visual))
-    folder, _ = train.training_set(train_dir)
+    folder, _ = data.training_set(train_dir)
 
     def flipped(argv):
         args = train.parse_args(["--output-dir", "x", *argv, "--crop-scale", "1", "1", "--randaug", "none"])
-        images = train.SeededImages(folder, train.train_transform(classifier, args))
-        plain = train.SeededImages(folder, train.train_transform(classifier, train.parse_args(
+        images = data.SeededImages(folder, data.train_transform(classifier, args))
+        plain = data.SeededImages(folder, data.train_transform(classifier, train.parse_args(
             ["--output-dir", "x", "--crop-scale", "1", "1", "--flip", "0"])))
         draws = []
         for seed in range(40):

@@ -3,6 +3,7 @@
 Every user error must be one line, `train.py: error: ...`, before anything is written; a kill at
 any point, a torn log line or a stale temporary file must resume to bit-identical weights.
 """
+import copy
 import json
 import os
 import re
@@ -16,6 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import merge_checkpoints
+import cli
+import data
+import probe
+import run_folder
 import train
 from test_train import CONFIG, log, run, train_dir  # noqa: F401 (train_dir is a fixture)
 
@@ -23,10 +28,10 @@ KILL_EXTRA = ["--save-every", "2", "--randaug", "rand-m10-n2", "--crop-scale", "
 
 
 def error_of(call, capsys):
-    """The one line a failing command printed (argparse's exit 2, or SystemExit's message)."""
+    """The one line of a failing command (argparse's on stderr, exit 2; or cli.fail's)."""
     with pytest.raises(SystemExit) as e:
         call()
-    message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+    message = str(e.value) if isinstance(e.value, cli.Exit) else capsys.readouterr().err.strip()
     assert e.value.code != 0 and message.startswith("train.py: error: ") and "\n" not in message, message
     return message
 
@@ -110,7 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(train_dir, tmp_path, capsys, f
 
 
 def test_an_unwritable_output_folder_is_one_line(train_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: False)  # a read-only folder, even for root
     line = error_of(lambda: run(train_dir, tmp_path / "run"), capsys)
     assert line == f"train.py: error: --output-dir {tmp_path / 'run'}: cannot write in {tmp_path} (permission denied); " \
                    f"expected a writable folder"
@@ -150,7 +155,7 @@ def test_a_folder_without_checkpoint_or_results_is_reused(tmp_path):
     for name in ["args.json", "w0.safetensors", "log.jsonl", "w0.safetensors.x1y2.tmp"]:
         (out / name).write_text("{}")
     args = train.parse_args(["--output-dir", str(out), "--model", CONFIG, "--pretrained", "none"])
-    assert train.plan_output(args, out) == {"resume": False, "checkpoint": False, "saved": None}
+    assert run_folder.plan_output(args, out) == {"resume": False, "checkpoint": False, "saved": None}
 
 
 def damage(case, out):
@@ -311,7 +316,7 @@ def test_nan_weights_are_never_saved_or_merged(train_dir, tmp_path, capsys, monk
         losses = real_step(models, *a, **k)
         if a[3] == 5:  # the last step of epoch 2
             with torch.no_grad():
-                next(train.unwrap(models[1]).parameters())[0] = float("nan")
+                next(run_folder.unwrap(models[1]).parameters())[0] = float("nan")
         return losses
 
     monkeypatch.setattr(train, "train_step", corrupting)
@@ -337,8 +342,8 @@ def test_an_unreadable_image_is_replaced_by_the_next_readable_one_and_reported(t
     tree = tmp_path / "tree"
     shutil.copytree(train_dir, tree)
     BAD_FILES[kind](tree / "class_1" / "00.jpg")  # between 0.png and 1.png
-    folder, _ = train.training_set(tree)
-    dataset = train.SeededImages(folder, lambda image: torch.tensor(image.getpixel((0, 0))))
+    folder, _ = data.training_set(tree)
+    dataset = data.SeededImages(folder, lambda image: torch.tensor(image.getpixel((0, 0))))
     bad = [path for path, _ in folder.samples].index(str(tree / "class_1" / "00.jpg"))
     image, label, unreadable = dataset[(bad, 7)]
     reason = {"truncated JPEG": "OSError: ", "zero bytes": "an empty file",  # PIL words truncation variously
@@ -368,18 +373,40 @@ def test_training_stops_at_an_unreadable_image_or_skips_it_deterministically(tra
 
 
 def test_a_damaged_linear_probe_cache_is_rebuilt(train_dir, tmp_path, capsys):
-    folder, names = train.training_set(train_dir)
+    folder, names = data.training_set(train_dir)
     classifier, preprocess = train.evaluate.build_classifier(train.evaluate.resolve_model(CONFIG), None, names,
                                                              zero_shot=False)
     args = train.parse_args(["--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
     args.model, args.pretrained = "tiny-clip-test", str(tmp_path / "clip.safetensors")  # real weights are cached
-    features, labels = train.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+    features, labels = probe.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
     (cache,) = (tmp_path / "cache").glob("lp_features_*.safetensors")
     cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a full disk
-    again = train.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+    again = probe.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
     assert f"rebuilding the linear-probe features: cannot read {cache}" in capsys.readouterr().out
     assert torch.equal(again[0], features) and torch.equal(again[1], labels)
     assert load_file(cache).keys() == {"features", "labels"}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_warm_linear_probe_cache_gives_the_features_a_fresh_run_fits(train_dir, tmp_path, bf16):
+    """The cache holds the features in the precision the probe fits them in (fp32, also when
+    they were computed under bf16 autocast), so a warm cache builds the fresh run's head."""
+    folder, names = data.training_set(train_dir)
+    classifier, preprocess = train.evaluate.build_classifier(train.evaluate.resolve_model(CONFIG), None, names)
+    args = train.parse_args(["--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
+    args.model, args.pretrained = "tiny-clip-test", str(tmp_path / "clip.safetensors")  # real weights are cached
+    heads = []
+    for _ in range(2):  # fresh, then warm
+        features, labels = probe.probe_features(classifier, folder, preprocess, args, torch.device("cpu"), bf16)
+        fitted = copy.deepcopy(classifier)
+        probe.fit_linear_probe(fitted, features, labels, iterations=5)
+        heads.append((features, fitted.classification_head.weight.detach().clone()))
+    (cache,) = (tmp_path / "cache").glob("lp_features_*.safetensors")
+    assert load_file(cache)["features"].dtype == torch.float32
+    assert torch.equal(heads[0][0], heads[1][0]) and torch.equal(heads[0][1], heads[1][1])
+    if bf16:  # features computed under autocast differ from fp32 ones: the flag reached the tower
+        fp32_features, _ = probe.probe_features(classifier, folder, preprocess, args, torch.device("cpu"))
+        assert not torch.equal(fp32_features, heads[0][0])
 
 
 def test_an_unreadable_evaluation_image_stops_the_run_in_one_line(train_dir, tmp_path, capsys):

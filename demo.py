@@ -18,7 +18,6 @@ import io
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import cli
 import evaluate
 import merge_checkpoints
 import model_stock
@@ -331,11 +331,6 @@ def flat(state):
     return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
 
 
-def group_of(key, v0):
-    """train.py's grouping of the merge log: the head, the encoder's matrices, its vectors."""
-    return "head" if key.startswith("classification_head.") else "matrices" if v0.ndim >= 2 else "vectors"
-
-
 def observation_1(w0, fts):
     """Per layer: mean and std over pairs of the angle between task vectors, and of |d_i|."""
     rows = {}
@@ -347,7 +342,7 @@ def observation_1(w0, fts):
         i, j = torch.triu_indices(len(fts), len(fts), 1)
         angles = torch.rad2deg(torch.arccos(((d[i] * d[j]).sum(1) / (norms[i] * norms[j])).clamp(-1, 1)))
         rows[key] = {"angle_mean": angles.mean().item(), "angle_std": angles.std().item() if len(angles) > 1 else 0.0,
-                     "norm_mean": norms.mean().item(), "norm_std": norms.std().item(), "group": group_of(key, v0)}
+                     "norm_mean": norms.mean().item(), "norm_std": norms.std().item(), "group": train.group_of(key, v0)}
     return rows
 
 
@@ -360,7 +355,7 @@ def shell(w0, fts, parameter_keys):
     for key, v0 in w0.items():
         if v0.is_floating_point():
             cos = model_stock.cosine(v0, [f[key] for f in fts])
-            groups.setdefault(group_of(key, v0), []).append((cos, model_stock.ratio(cos, 2)))
+            groups.setdefault(train.group_of(key, v0), []).append((cos, model_stock.ratio(cos, 2)))
     d2 = {key: sum((f[key] - v0).double().pow(2).sum().item() for f in fts) for key, v0 in w0.items() if v0.is_floating_point()}
     return {"cos": {g: float(np.mean([c for c, _ in v])) for g, v in groups.items()},
             "t_pair": {g: float(np.mean([t for _, t in v])) for g, v in groups.items()},
@@ -451,12 +446,8 @@ def print_geometry(geometry, merges, n_models, held_out):
 def plot(record, path):
     """ImageNet vs Avg. shifts per row (the paper's Fig. 1) and t at every periodic merge
     (Appendix F), if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("pip install matplotlib for the plots; every figure is in the JSON")
+    plt = evaluate.pyplot("the plots; every figure is in the JSON")
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, r in record["results"].items():
@@ -473,8 +464,8 @@ def plot(record, path):
     print(f"saved the plots to {path}")
 
 
-def fail(message):
-    sys.exit(f"demo.py: error: {message}")
+def fail(message, status=cli.FAILURE):
+    cli.fail("demo.py", message, status)
 
 
 def load_runs(paths):
@@ -535,7 +526,7 @@ def aggregate(runs):
 
 
 def main(argv=None):
-    p = merge_checkpoints.OneLineParser(prog="demo.py", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog="demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="print mean, spread and standard error over finished runs' JSON files, then stop")
     p.add_argument("--quick", action="store_true", help="a reduced run that shows the mechanics in under a minute")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the fine-tunes (not the pre-training)")
@@ -651,4 +642,4 @@ def main(argv=None):
 PRETRAIN_STEPS, TRAIN_IMAGES, TEST_IMAGES = 2500, 2000, 5000
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "demo.py: interrupted; the pre-trained model, once written, stays cached")

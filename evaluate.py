@@ -34,6 +34,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from tqdm import tqdm
 
+import cli
 import merge_checkpoints
 
 # ---------------------------------------------------------------------------- the classifier
@@ -511,7 +512,7 @@ def alpha_list(text):
 
 
 def parse_args(argv=None):
-    p = merge_checkpoints.OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", nargs="*", default=[],
                    help="classifier state dicts (.safetensors/.pt); none: the zero-shot model")
     p.add_argument("--model", default="ViT-B-32-quickgelu",
@@ -573,17 +574,25 @@ def print_table(runs, names):
         print(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.2f}':>{width}}" for c in cells))
 
 
-def plot_wise_ft(runs, path):
-    """ImageNet top-1 against Avg. shifts along alpha, one curve per checkpoint (paper Fig. 1)."""
-    if any(run["avg_shifts"] is None or "ImageNet" not in run["datasets"] for run in runs):
-        print("no WiSE-FT plot: it needs ImageNet and all five shifts; the numbers are in the JSON")
-        return
+def pyplot(what):
+    """matplotlib.pyplot drawing to files, or None (saying how to get `what`) without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("pip install matplotlib for the WiSE-FT plot; the numbers are in the JSON")
+        print(f"pip install matplotlib for {what}")
+        return None
+    return plt
+
+
+def plot_wise_ft(runs, path):
+    """ImageNet top-1 against Avg. shifts along alpha, one curve per checkpoint (paper Fig. 1)."""
+    if any(run["avg_shifts"] is None or "ImageNet" not in run["datasets"] for run in runs):
+        print("no WiSE-FT plot: it needs ImageNet and all five shifts; the numbers are in the JSON")
+        return
+    plt = pyplot("the WiSE-FT plot; the numbers are in the JSON")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for checkpoint in dict.fromkeys(run["checkpoint"] for run in runs):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import model_stock
 
 INDEX = "model.safetensors.index.json"
@@ -391,30 +392,12 @@ def save_state_dict(state, path, max_shard_size=5 * 10**9):
 # ---- 3. The streamed merge: one key at a time, with model_stock's own per-tensor code ----
 
 def check_mergeable(w0, ws):
-    """Fails before any tensor is read if the models cannot be merged key by key."""
-    for w in ws:
-        missing = next((k for k in w0.specs if k not in w.specs), None)
-        if missing:
-            raise ValueError(f"{w.path} lacks key {missing!r} of the pre-trained model {w0.path}")
-        extra = next((k for k in w.specs if k not in w0.specs), None)
-        if extra:
-            raise ValueError(f"{w.path} has key {extra!r}, absent from the pre-trained model {w0.path}")
-        for key, (shape0, dtype0) in w0.specs.items():
-            shape, dtype = w.specs[key]
-            if shape != shape0:
-                raise ValueError(f"key {key!r}: {w.path} has shape {shape}, the pre-trained model "
-                                 f"{w0.path} {shape0}")
-            if dtype.is_floating_point != dtype0.is_floating_point or dtype.is_complex or dtype0.is_complex:
-                raise ValueError(f"key {key!r}: {w.path} is {dtype}, the pre-trained model {w0.path} "
-                                 f"{dtype0}; expected both floating or both integer/bool")
-
-
-def _raise_non_finite(key, checkpoints, tensors):
-    """Names the file that made t NaN: a non-finite value, or a dot product overflowing."""
-    for checkpoint, tensor in zip(checkpoints, tensors):
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{checkpoint.path}: key {key!r} holds NaN or inf; refusing to merge it")
-    raise ValueError(f"key {key!r}: task-vector dot products overflow the accumulation dtype")
+    """Fails before any tensor is read if the Checkpoints cannot be merged key by key:
+    model_stock's own check, on meta tensors of the headers' shapes and dtypes."""
+    def meta(checkpoint):
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in checkpoint.specs.items()}
+    names = [f"the pre-trained model {w0.path}"] + [str(w.path) for w in ws]
+    model_stock.check(meta(w0), [meta(w) for w in ws], names)
 
 
 def merge_streamed(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda line: None,
@@ -442,9 +425,9 @@ def merge_streamed(w0, ws, output=None, max_shard_size=5 * 10**9, log=lambda lin
         v0, vs = w0.get(key), [w.get(key) for w in ws]
         if not v0.is_floating_point():
             return vs[0]  # integer and bool tensors are copied from ws[0], as merge does
-        w_h, t, gram = model_stock._merge_tensor(v0, vs, workspace)
+        w_h, t, gram = model_stock.merge_tensor(v0, vs, workspace)
         if t.isnan():
-            _raise_non_finite(key, [w0, *ws], [v0, *vs])
+            model_stock.raise_non_finite(key, [v0, *vs], [str(c.path) for c in (w0, *ws)])
         rows[key] = table_row(key, v0.shape, t.item(), gram)
         return w_h
 
@@ -480,7 +463,7 @@ def tensor_kind(key, shape):
 
 def table_row(key, shape, t, gram):
     """One tensor's geometry from the Gram matrix of its task vectors."""
-    cos = model_stock._mean_cos(gram).item()
+    cos = model_stock.mean_cos(gram).item()
     return {"key": key, "kind": tensor_kind(key, shape), "shape": list(shape), "cos": cos,
             "angle": math.degrees(math.acos(min(max(cos, -1.0), 1.0))), "t": t,
             "norms": gram.diagonal().sqrt().tolist()}
@@ -553,15 +536,8 @@ def _overlaps(model, target):
     return any(_inside(f, target) for f in read) or (os.path.isdir(real) and _inside(target, real))
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`prog: error: ...`), not a usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None):
-    parser = OneLineParser(prog="merge_checkpoints.py", description="Merge fine-tuned "
+    parser = cli.Parser(prog="merge_checkpoints.py", description="Merge fine-tuned "
                                      "checkpoints with Model Stock, tensor by tensor.")
     parser.add_argument("pretrained", help="w0, the model every fine-tune started from: a "
                         ".safetensors or .pt/.pth file, or a Hugging Face folder")
@@ -570,7 +546,7 @@ def main(argv=None):
     parser.add_argument("-o", "--output", help="where to write the merge: NAME.safetensors, NAME.pt, "
                         "or a folder (Hugging Face layout, sharded by --max-shard-size)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
-                        help="largest shard of a folder output (default 5GB, as Hugging Face)")
+                        help="largest shard of a folder output (as Hugging Face's)")
     parser.add_argument("--inspect", action="store_true", help="print the per-layer table, write no model")
     parser.add_argument("--json", metavar="FILE", help=f"also write every row of the table to FILE "
                         f"(the screen shows only summaries above {MAX_ROWS} tensors)")

@@ -35,7 +35,8 @@ def _task_vectors(w0, ws, workspace=None):
     workspace = {} if workspace is None else workspace
     buf = workspace.get((v0.device, acc))
     if buf is None or buf.numel() < len(ws) * v0.numel():
-        buf = workspace[(v0.device, acc)] = torch.empty(len(ws) * v0.numel(), dtype=acc, device=v0.device)
+        buf = torch.empty(len(ws) * v0.numel(), dtype=acc, device=v0.device)
+        workspace[(v0.device, acc)] = buf
     d = buf[: len(ws) * v0.numel()].view(len(ws), -1)
     flat = [w.reshape(-1).to(v0.device) for w in ws]
     for v0_c, *pieces in _chunks(v0, *flat, *d):
@@ -46,7 +47,7 @@ def _task_vectors(w0, ws, workspace=None):
     return d
 
 
-def _mean_cos(gram):
+def mean_cos(gram):
     """Mean over pairs i < j of d_i.d_j / (|d_i| |d_j|), from the Gram matrix of the d_i."""
     norms = gram.diagonal().sqrt()
     denom = torch.outer(norms, norms)
@@ -63,7 +64,7 @@ def cosine(w0, ws):
     if len(ws) < 2:
         raise ValueError(f"a cosine needs at least 2 fine-tuned tensors, got {len(ws)}")
     d = _task_vectors(w0, ws)
-    return _mean_cos(d @ d.T).item()
+    return mean_cos(d @ d.T).item()
 
 
 def ratio(cos, n):
@@ -76,13 +77,13 @@ def ratio(cos, n):
     return n * cos / (1 + (n - 1) * cos)  # Eq. (3); Eq. (2) for n = 2
 
 
-def _merge_tensor(w0, ws, workspace=None):
+def merge_tensor(w0, ws, workspace=None):
     """w_h = w0 + t * mean(d) for one floating tensor: merge's per-key step, which
     merge_checkpoints.py reuses on streamed files. Returns (w_h, t, gram) with t a 0-dim
     tensor and gram the (N, N) matrix of d_i . d_j (|d_i|^2 on its diagonal)."""
     d = _task_vectors(w0, ws, workspace)
     gram = d @ d.T
-    t = ratio(_mean_cos(gram), len(ws))
+    t = ratio(mean_cos(gram), len(ws))
     scale = t / len(ws)
     w_h = torch.empty(ws[0].shape, dtype=ws[0].dtype, device=ws[0].device)
     for out_c, w0_c, *d_c in _chunks(w_h.view(-1), w0.reshape(-1).to(w_h.device), *d):
@@ -94,30 +95,37 @@ def _merge_tensor(w0, ws, workspace=None):
     return w_h, t, gram
 
 
-def _check(w0, ws):
-    """Fails before any work if the state dicts cannot be merged key by key."""
+def check(w0, ws, names=None):
+    """Fails before any work if the state dicts cannot be merged key by key. `names` are what
+    messages call w0 and each of ws (default: the pre-trained model, ws[0], ...); any values
+    with a shape and a dtype will do, meta tensors included."""
     if len(ws) < 2:
         raise ValueError(f"Model Stock needs at least 2 fine-tuned models, got {len(ws)}")
-    for i, w in enumerate(ws):
+    name0, *names = names or _names(ws)
+    for name, w in zip(names, ws):
         missing, extra = sorted(w0.keys() - w.keys()), sorted(w.keys() - w0.keys())
         if missing:
-            raise ValueError(f"ws[{i}] lacks key {missing[0]!r} of the pre-trained state dict")
+            raise ValueError(f"{name} lacks key {missing[0]!r} of {name0}")
         if extra:
-            raise ValueError(f"ws[{i}] has key {extra[0]!r}, absent from the pre-trained state dict")
+            raise ValueError(f"{name} has key {extra[0]!r}, absent from {name0}")
         for key, v0 in w0.items():
             v = w[key]
             if v.shape != v0.shape:
-                raise ValueError(f"key {key!r}: ws[{i}] has shape {tuple(v.shape)}, "
-                                 f"the pre-trained tensor {tuple(v0.shape)}")
+                raise ValueError(f"key {key!r}: {name} has shape {tuple(v.shape)}, "
+                                 f"{name0} {tuple(v0.shape)}")
             if v.is_floating_point() != v0.is_floating_point() or v.is_complex() or v0.is_complex():
-                raise ValueError(f"key {key!r}: ws[{i}] is {v.dtype}, the pre-trained "
-                                 f"tensor {v0.dtype}; expected both floating or both integer/bool")
+                raise ValueError(f"key {key!r}: {name} is {v.dtype}, {name0} {v0.dtype}; "
+                                 f"expected both floating or both integer/bool")
 
 
-def _raise_non_finite(key, w0, ws):
-    """Names the input that made t NaN: a non-finite value, or a dot product overflowing."""
-    for name, v in [("the pre-trained model", w0[key])] + [(f"ws[{i}]", w[key])
-                                                          for i, w in enumerate(ws)]:
+def _names(ws):
+    return ["the pre-trained model"] + [f"ws[{i}]" for i in range(len(ws))]
+
+
+def raise_non_finite(key, tensors, names):
+    """Names the input (of w0 and ws) that made t NaN: a non-finite value, or a dot product
+    overflowing."""
+    for name, v in zip(names, tensors):
         if not torch.isfinite(v).all():
             raise ValueError(f"key {key!r}: {name} holds NaN or inf; refusing to merge it")
     raise ValueError(f"key {key!r}: task-vector dot products overflow the accumulation dtype")
@@ -137,19 +145,19 @@ def merge(w0, ws):
         >>> w_h["w"]
         tensor([1.3333, 2.3333, 3.3333])
     """
-    _check(w0, ws)
+    check(w0, ws)
     w_h, ts, workspace = {}, {}, {}
     for key, v0 in w0.items():  # key by key: peak extra memory is a few copies of one tensor
         vs = [w[key] for w in ws]
         if v0.is_floating_point():
-            w_h[key], ts[key], _ = _merge_tensor(v0, vs, workspace)
+            w_h[key], ts[key], _ = merge_tensor(v0, vs, workspace)
         else:
             w_h[key] = vs[0].clone()
     # One device-to-host copy for all t (no sync per key on CUDA); NaN t means bad input.
     t_values = torch.stack([t.to(torch.float64) for t in ts.values()]).tolist() if ts else []
     for key, t in zip(list(ts), t_values):
         if t != t:
-            _raise_non_finite(key, w0, ws)
+            raise_non_finite(key, [w0[key]] + [w[key] for w in ws], _names(ws))
         ts[key] = t
     return w_h, ts
 

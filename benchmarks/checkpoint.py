@@ -20,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import evaluate  # noqa: E402
 import merge_checkpoints  # noqa: E402
 
@@ -39,7 +40,7 @@ def checkpoint_of(model_name, num_models):
 
 
 def main():
-    p = merge_checkpoints.OneLineParser(prog="checkpoint.py", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog="checkpoint.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model name or config .json")
     p.add_argument("--num-models", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

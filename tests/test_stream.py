@@ -185,7 +185,7 @@ def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_fold
 
 def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path, capsys, monkeypatch):
     paths, _, _ = models
-    merge_tensor = model_stock._merge_tensor
+    merge_tensor = model_stock.merge_tensor
     calls = []
 
     def interrupted(*args):  # Ctrl-C while the third tensor is merged
@@ -193,7 +193,7 @@ def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path
         if len(calls) == 3:
             raise KeyboardInterrupt
         return merge_tensor(*args)
-    monkeypatch.setattr(model_stock, "_merge_tensor", interrupted)
+    monkeypatch.setattr(model_stock, "merge_tensor", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged"), "--max-shard-size", "2KB"])
     assert exit_info.value.code == 130
@@ -208,8 +208,8 @@ def test_nan_stops_the_merge_and_leaves_no_output(models, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(SystemExit) as exit_info:
         merge_checkpoints.main(paths + ["-o", str(out), "--max-shard-size", "2KB"])
-    assert re.fullmatch(r"merge_checkpoints.py: error: \S*ft3.safetensors: key "
-                        r"'model.layers.1.mlp.up_proj.weight' holds NaN or inf; refusing to merge it",
+    assert re.fullmatch(r"merge_checkpoints.py: error: key 'model.layers.1.mlp.up_proj.weight': "
+                        r"\S*ft3.safetensors holds NaN or inf; refusing to merge it",
                         str(exit_info.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors"]
 

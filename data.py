@@ -171,12 +171,12 @@ def training_set(train_dir):
         folders = evaluate.class_folders(root)
         folder = evaluate.LabelledFolder(root, {f: i for i, f in enumerate(folders)})
     except ValueError as e:  # its message starts with the folder
-        fail(f"--train-dir {e}")
+        fail(f"--train-dir {e}", cli.USAGE)
     except OSError as e:
-        fail(f"--train-dir {root}: {e.strerror}; expected a readable folder of class folders")
+        fail(f"--train-dir {root}: {e.strerror}; expected a readable folder of class folders", cli.USAGE)
     if len(folders) < 2:
         fail(f"--train-dir {root} has one class folder ({folders[0]}); expected one folder of images per class, "
-             f"at least 2 classes")
+             f"at least 2 classes", cli.USAGE)
     if folders == evaluate.timm_list("imagenet_synsets"):
         names = list(open_clip.IMAGENET_CLASSNAMES)
     return folder, names
@@ -233,12 +233,28 @@ def loaders(folder, transform, args, steps, rank=0, world=1, pin_memory=False):
 
 def eval_sets(args, preprocess, classnames):
     """--eval-every-epoch's sets: --eval-dir, or the datasets found under --data-location;
-    none without --eval-every-epoch."""
+    none without --eval-every-epoch. Their classes must be the training set's."""
     if not args.eval_every_epoch:
         return []
     try:
         if args.eval_dir:
-            return [evaluate.image_folder(args.eval_dir, preprocess)]
-        return evaluate.find_eval_sets(Path(args.data_location).expanduser(), preprocess)
+            sets = [evaluate.image_folder(args.eval_dir, preprocess)]
+        else:
+            sets = evaluate.find_eval_sets(Path(args.data_location).expanduser(), preprocess)
     except ValueError as error:
         fail(error, cli.USAGE)
+    if not sets:
+        fail(f"--eval-every-epoch: no evaluation set found under --data-location {args.data_location}; "
+             f"expected --eval-dir with a validation folder of the training classes, or the datasets of "
+             f"docs/datasets.md", cli.USAGE)
+    if args.eval_dir and evaluate.folder_classnames(args.eval_dir) != classnames:
+        names = evaluate.folder_classnames(args.eval_dir)
+        other = next((a for a, b in zip(names, classnames) if a != b), names[len(classnames):][:1] or "")
+        fail(f"--eval-dir {args.eval_dir} has {len(names)} class folders, --train-dir {len(classnames)}, "
+             f"not the same (first difference: {other!r}); expected the training classes' validation folder",
+             cli.USAGE)
+    if not args.eval_dir and classnames != list(open_clip.IMAGENET_CLASSNAMES):
+        fail(f"--eval-every-epoch scores ImageNet's 1000 classes under --data-location, but --train-dir "
+             f"has {len(classnames)} other classes; expected --eval-dir with a validation folder of them",
+             cli.USAGE)
+    return sets

@@ -300,6 +300,35 @@ def write_atomically(path, write):
         write(Path(tmp))
 
 
+def cannot_write_in(folder):
+    """Why no file can be created in `folder` (a missing folder, permissions, a read-only or
+    special file system), or None: os.access first, then tried with a temporary file, since
+    os.access says yes to root everywhere, /sys included."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied" if os.path.isdir(folder) else "no such folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write_check.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        return (error.strerror or type(error).__name__).lower()
+    os.close(fd)
+    os.remove(tmp)
+    return None
+
+
+def write_results(path, text):
+    """Writes the text `text` to `path` atomically; if that fails, to a new file in the
+    temporary folder, so that results are never lost. Returns None, or a line saying where
+    they went instead."""
+    try:
+        write_atomically(path, lambda f: f.write_text(text))
+        return None
+    except OSError as error:
+        fd, kept = tempfile.mkstemp(prefix=f"{Path(path).stem}.", suffix=Path(path).suffix or ".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return f"cannot write {path} ({error.strerror or error}); the results are in {kept}"
+
+
 def holds_model(folder):
     return any(os.path.isfile(os.path.join(folder, name)) for name in (SINGLE, INDEX))
 
@@ -500,6 +529,19 @@ def print_table(rows, copied, n, max_rows=MAX_ROWS):
             print("  " + _summary(kind, [r for r in rows if r["kind"] == kind]))
 
 
+def warn_if_not_the_anchor(rows, pretrained):
+    """Fine-tunes of one pre-trained model move apart from it at acute angles (the paper's
+    Observation 1: about 40-80 degrees); task vectors pointing apart in most matrices say the
+    first argument is unlikely to be the model they started from. (The weights cannot always
+    tell: a fine-tune listed first among its siblings can look like an anchor.)"""
+    matrices = [r for r in rows if len(r["shape"]) >= 2]
+    apart = sum(r["cos"] < 0 for r in matrices)
+    if matrices and apart > len(matrices) / 2:
+        print(f"warning: in {apart} of {len(matrices)} matrices the task vectors point apart (cos < 0: t = 0, "
+              f"the layer stays at w0), which fine-tunes of one pre-trained model rarely do; check that "
+              f"the first argument, {pretrained}, is the model every fine-tune started from")
+
+
 # ---- 5. The command line ----
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -536,9 +578,13 @@ def _overlaps(model, target):
     return any(_inside(f, target) for f in read) or (os.path.isdir(real) and _inside(target, real))
 
 
+def fail(message, status=cli.FAILURE):
+    cli.fail("merge_checkpoints.py", message, status)
+
+
 def main(argv=None):
-    parser = cli.Parser(prog="merge_checkpoints.py", description="Merge fine-tuned "
-                                     "checkpoints with Model Stock, tensor by tensor.")
+    parser = cli.Parser(prog="merge_checkpoints.py", description="Merge fine-tuned checkpoints with "
+                        "Model Stock, tensor by tensor.", epilog="examples:\n" + __doc__.split("\n\n")[-1])
     parser.add_argument("pretrained", help="w0, the model every fine-tune started from: a "
                         ".safetensors or .pt/.pth file, or a Hugging Face folder")
     parser.add_argument("finetuned", nargs="+", help="two or more fine-tuned models (ws[0], ws[1], "
@@ -572,8 +618,9 @@ def main(argv=None):
         parent = os.path.dirname(target)
         if not os.path.isdir(parent):
             parser.error(f"-o {output}: its parent folder does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            parser.error(f"-o {output}: cannot write in {parent} (permission denied); expected a writable folder")
+        reason = cannot_write_in(parent)
+        if reason:
+            parser.error(f"-o {output}: cannot write in {parent} ({reason}); expected a writable folder")
         _remove_stale_temporaries(parent, os.path.basename(target))  # first: it may put a folder back
         if kind != "folder" and os.path.isdir(target):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
@@ -596,8 +643,9 @@ def main(argv=None):
             parser.error(f"--json {args.json}: its parent folder does not exist")
         if os.path.isdir(json_target):
             parser.error(f"--json {args.json} is a folder; expected a file name")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            parser.error(f"--json {args.json}: cannot write in {parent} (permission denied); expected a writable folder")
+        reason = cannot_write_in(parent)
+        if reason:
+            parser.error(f"--json {args.json}: cannot write in {parent} ({reason}); expected a writable folder")
         if os.path.lexists(json_target) and not args.force:
             parser.error(f"--json {args.json} exists; pass --force to overwrite it")
     inputs = [args.pretrained, *args.finetuned]
@@ -610,36 +658,38 @@ def main(argv=None):
     # 2. Open every model (headers only), then merge key by key, writing as it goes.
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+    try:  # inputs that cannot be read or merged are a mistake in the command: nothing is written
         w0 = Checkpoint(args.pretrained)
         ws = [Checkpoint(p) for p in args.finetuned]
-        for i, p in enumerate(args.finetuned):
-            print(f"ws[{i}]: {p}")
+        check_mergeable(w0, ws)
+    except (ValueError, OSError) as e:
+        fail(e, cli.USAGE)
+    print(f"w0, the pre-trained model every fine-tune started from (the first argument): {args.pretrained}")
+    for i, p in enumerate(args.finetuned):
+        print(f"ws[{i}], fine-tuned from w0: {p}")
+    try:
         extra = non_weight_files(args.finetuned[0]) if output and output_kind(output) == "folder" else []
         written = target + os.sep if output and output.endswith(os.sep) else target  # "name/": a folder
         rows = merge_streamed(w0, ws, written, args.max_shard_size, print, extra)
     except (ValueError, OSError) as e:
-        sys.exit(f"merge_checkpoints.py: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: the temporary output is already removed
-        print("merge_checkpoints.py: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        fail(e)
     # 3. The table, and what was written.
     copied = [k for k, (_, dtype) in w0.specs.items() if not dtype.is_floating_point]
     print_table(rows, copied, len(ws))
+    warn_if_not_the_anchor(rows, args.pretrained)
     if args.json:
         record = {"pretrained": args.pretrained, "finetuned": args.finetuned, "tensors": rows, "copied": copied}
         try:
-            with _atomically(json_target, folder=False) as tmp:
-                Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
-        except OSError as e:
-            sys.exit(f"merge_checkpoints.py: error: --json {args.json}: {e}")
+            problem = write_results(json_target, json.dumps(record, indent=1) + "\n")
         except KeyboardInterrupt:
-            sys.exit(f"merge_checkpoints.py: interrupted; {args.json} was not written"
-                     + (f" ({output} was)" if output else ""))
+            raise cli.Exit(f"merge_checkpoints.py: interrupted; {args.json} was not written"
+                           + (f" ({output} was)" if output else ""), cli.INTERRUPTED) from None
+        if problem:
+            fail(f"--json {args.json}: {problem}" + (f" ({output} was written)" if output else ""))
         print(f"wrote {args.json} ({len(rows)} rows)")
     if output:
         print(f"wrote {output} ({len(w0.specs)} tensors)")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # Ctrl-C: the temporary output is removed, the output left as it was
+    cli.run(main, "merge_checkpoints.py: interrupted; nothing was written")

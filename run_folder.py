@@ -162,13 +162,13 @@ class RunFolder:
         if self.last_good is None:
             return "no checkpoint had been saved yet"
         path, step = self.last_good
-        return f"nothing after step {step} was saved: the last good checkpoint is {path} (step {step})"
+        return f"nothing after step {step} was saved: the last good checkpoint is {path} (after step {step})"
 
     def save(self, step, models, optimizers, epoch_losses):
         """Checkpoints every model and optimizer at `step`, never over a good checkpoint with
         NaN or inf weights."""
         if not all_finite([unwrap(m) for m in models]):
-            fail(f"a model holds NaN or inf weights at step {step}; {self.stopped()}")
+            fail(f"a model holds NaN or inf weights after step {step}; {self.stopped()}")
         if self.rank == 0:
             record = {"step": step, "epoch_losses": epoch_losses, "models": [unwrap(m).state_dict() for m in models],
                       "optimizers": [o.state_dict() for o in optimizers]}
@@ -232,8 +232,9 @@ def is_result(name):
 
 def is_temporary(name):
     """A temporary file left behind when killed mid-write (.checkpoint.pt.<pid>_<random>.tmp
-    from merge_checkpoints' writers; checkpoint.pt.<pid>.tmp from earlier versions)."""
-    return re.fullmatch(r"\.?(args\.json|log\.jsonl|checkpoint\.pt|\w+\.safetensors)\.\w+\.tmp", name)
+    from merge_checkpoints' writers; checkpoint.pt.<pid>.tmp or checkpoint.pt.tmp from
+    earlier versions)."""
+    return re.fullmatch(r"\.?(args\.json|log\.jsonl|checkpoint\.pt|\w+\.safetensors)(\.\w+)?\.tmp", name)
 
 
 def is_run_file(name):
@@ -249,24 +250,26 @@ def plan_output(args, out):
     """
     fresh = {"resume": False, "checkpoint": False, "saved": None}
     if out.exists() and not out.is_dir():
-        fail(f"--output-dir {out} is a file; expected a folder")
+        fail(f"--output-dir {out} is a file; expected a folder", cli.USAGE)
     existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--output-dir {out}: cannot write in {existing} (permission denied); expected a writable folder")
+    reason = merge_checkpoints.cannot_write_in(existing)
+    if reason:
+        fail(f"--output-dir {out}: cannot write in {existing} ({reason}); expected a writable folder",
+             cli.USAGE)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     foreign = [n for n in names if not is_run_file(n)]
     if foreign and not args.overwrite:
         fail(f"--output-dir {out} holds files train.py did not write ({', '.join(foreign[:3])}); "
-             f"expected a new or empty folder, or a run's folder")
+             f"expected a new or empty folder, or a run's folder", cli.USAGE)
     checkpoint, results = "checkpoint.pt" in names, [n for n in names if is_result(n)]
     if args.overwrite or not (args.resume or checkpoint or results):
         return fresh
     if not args.resume:
         fail(f"{out} already holds a run ({'checkpoint.pt' if checkpoint else results[0]}); "
-             f"pass --resume to continue it, --overwrite to replace it")
+             f"pass --resume to continue it, --overwrite to replace it", cli.USAGE)
     if results and not checkpoint:
         fail(f"{out} holds a finished run ({results[0]}) and no checkpoint.pt to continue from; "
-             f"pass --overwrite to replace it")
+             f"pass --overwrite to replace it", cli.USAGE)
     if "args.json" not in names:
         if checkpoint:
             fail(f"{out} has checkpoint.pt but no args.json, so --resume cannot check that it continues the "
@@ -279,7 +282,8 @@ def plan_output(args, out):
         fail(f"{out / 'args.json'} cannot be read as JSON; restore it, or pass --overwrite to start afresh")
     for key, value in vars(args).items():
         if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != json.loads(json.dumps(value)):
-            fail(f"--resume with different --{key.replace('_', '-')} ({saved.get(key)!r} in the run, {value!r} now)")
+            fail(f"--resume with different --{key.replace('_', '-')} ({saved.get(key)!r} in the run, {value!r} now)",
+                 cli.USAGE)
     return {"resume": True, "checkpoint": checkpoint, "saved": saved}
 
 
@@ -308,9 +312,16 @@ def kept_log(path, step):
         try:
             record = json.loads(line)
         except ValueError:
-            if number == len(lines):
-                break  # cut short by a kill while it was written
-            fail(f"{path} line {number} is not JSON; expected one JSON record per line")
+            if number < len(lines):
+                fail(f"{path} line {number} is not JSON; expected one JSON record per line")
+            # The last line, cut short by a kill while it was written. A record after the
+            # checkpoint is written again when training passes its step; one the checkpoint
+            # covers (a kill between the checkpoint and its log line) is not.
+            torn = re.search(r'"step": (\d+)', line)
+            lost = torn and int(torn.group(1)) <= step
+            print(f"{path}: its last line was cut short by a kill and is dropped"
+                  + (f"; its record (step {torn.group(1)}) is lost, the checkpoint being after it" if lost else ""))
+            break
         if record.get("step", 0) <= step:
             kept.append(line)
     return kept

@@ -158,11 +158,11 @@ def train_step(models, optimizers, micro_batches, lr, step, args, mixup=None, nu
         values = torch.stack([total.float(), norm.float().to(total.device)])
         loss_value, norm_value = values.tolist()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"model {i} has a non-finite loss ({loss_value}) at step "
-                                     f"{step}")
+            raise FloatingPointError(f"model {i} has a non-finite loss ({loss_value}) in step "
+                                     f"{step + 1}")
         if not math.isfinite(norm_value):
-            raise FloatingPointError(f"model {i} has a non-finite gradient norm ({norm_value}) at "
-                                     f"step {step}, loss {loss_value:.4g}")
+            raise FloatingPointError(f"model {i} has a non-finite gradient norm ({norm_value}) in "
+                                     f"step {step + 1}, loss {loss_value:.4g}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss_value)
@@ -295,15 +295,16 @@ def main(argv=None):
                      f"usually avoids this)")
             step += 1
             seen += args.batch_size
-            bar.set_postfix(loss=" ".join(f"{x:.3f}" for x in losses[-1]),
-                            img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
+            bar.set_postfix({f"loss (model {', '.join(map(str, range(args.num_models)))})":
+                             " ".join(f"{x:.3f}" for x in losses[-1]),
+                             "images/s": f"{seen / (time.perf_counter() - t_epoch):.0f}"})
             run.log_skipped(skipped, step)
             # Merge every merge_period steps, and always after the last step.
             if merge_period and (step % merge_period == 0 or step == total_steps):
                 try:
                     ts = model_stock.merge_models_([unwrap(m) for m in models], w0)
                 except ValueError as e:  # a NaN that got past the step's check
-                    fail(f"the merge at step {step} failed: {e}; {run.stopped()}")
+                    fail(f"the merge after step {step} failed: {e}; {run.stopped()}")
                 if args.reset_optimizer:
                     for opt in optimizers:
                         opt.state.clear()

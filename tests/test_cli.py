@@ -60,7 +60,9 @@ def test_inspect_prints_the_table_and_writes_nothing(checkpoints, tmp_path, caps
     before = sorted(os.listdir(tmp_path))
     merge_checkpoints.main(paths + ["--inspect"])
     assert sorted(os.listdir(tmp_path)) == before
-    header, *rows = capsys.readouterr().out.splitlines()[2:]
+    roles, header, *rows = (lambda lines: (lines[:3], *lines[3:]))(capsys.readouterr().out.splitlines())
+    assert roles == [f"w0, the pre-trained model every fine-tune started from (the first argument): {paths[0]}",
+                     f"ws[0], fine-tuned from w0: {paths[1]}", f"ws[1], fine-tuned from w0: {paths[2]}"]
     assert header.split()[:4] == ["key", "cos", "angle", "t"] and "|d0|" in header and "|d1|" in header
     assert sorted(row.split()[0] for row in rows[:2]) == ["head.bias", "visual.proj"]
 

@@ -212,11 +212,11 @@ def test_non_finite_loss_stops_naming_model_and_step(train_dir, tmp_path, monkey
     def diverging(*a, **k):
         calls.append(1)
         loss = real_loss(*a, **k)
-        return loss * float("nan") if len(calls) == 10 else loss  # step 4, model 1
+        return loss * float("nan") if len(calls) == 10 else loss  # step 5, model 1
 
     monkeypatch.setattr(train, "loss_of", diverging)
-    with pytest.raises(SystemExit, match=r"model 1 has a non-finite loss \(nan\) at step 4; nothing after step 3 was "
-                                         r"saved: the last good checkpoint is .*checkpoint.pt \(step 3\)"):
+    with pytest.raises(SystemExit, match=r"model 1 has a non-finite loss \(nan\) in step 5; nothing after step 3 was "
+                                         r"saved: the last good checkpoint is .*checkpoint.pt \(after step 3\)"):
         run(train_dir, tmp_path / "run")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
 

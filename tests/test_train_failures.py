@@ -252,7 +252,7 @@ def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(whole, train_dir
 
 
 def test_a_torn_log_line_and_stale_temporary_files_do_not_stop_a_resume(whole, train_dir, tmp_path, monkeypatch,
-                                                                      caplog):
+                                                                      caplog, capsys):
     out = tmp_path / "killed"
     real_step = killed_at(5, monkeypatch)  # step 4 was checkpointed
     with pytest.raises(KeyboardInterrupt):
@@ -261,11 +261,22 @@ def test_a_torn_log_line_and_stale_temporary_files_do_not_stop_a_resume(whole, t
         f.write('{"event": "epoch", "step": 6, "lo')  # a kill while a line was written
     (out / "checkpoint.pt.4242.tmp").write_bytes(b"\0" * 1000)  # and while checkpoint.pt or a model was
     (out / ".final.safetensors.k2j_9x.tmp").write_bytes(b"\0" * 1000)
+    (out / "checkpoint.pt.tmp").write_bytes(b"\0" * 1000)  # the name an earlier version wrote
     monkeypatch.setattr(train, "train_step", real_step)
     caplog.clear()
+    capsys.readouterr()
     same_run(whole, run(train_dir, out, *KILL_EXTRA, "--resume"))
+    assert f"{out / 'log.jsonl'}: its last line was cut short by a kill and is dropped\n" in capsys.readouterr().out
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     assert "initialized randomly" not in caplog.text  # the weights come from w0.safetensors
+
+
+def test_a_torn_log_line_that_the_checkpoint_covers_is_reported_as_lost(tmp_path, capsys):
+    log_file = tmp_path / "log.jsonl"
+    log_file.write_text('{"event": "merge", "step": 3}\n{"event": "epoch", "step": 3, "lo')
+    assert run_folder.kept_log(log_file, 3) == ['{"event": "merge", "step": 3}']
+    assert capsys.readouterr().out == (f"{log_file}: its last line was cut short by a kill and is dropped; its "
+                                       f"record (step 3) is lost, the checkpoint being after it\n")
 
 
 class NanGradient(torch.autograd.Function):
@@ -281,9 +292,9 @@ class NanGradient(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("bad_call, message", [
-    (10, r"model 1 has a non-finite gradient norm \(nan\) at step 4, loss [\d.]+; nothing after step 3 was saved: the "
-         r"last good checkpoint is .*checkpoint.pt \(step 3\); expected finite values"),
-    (2, r"model 1 has a non-finite gradient norm \(nan\) at step 0, loss [\d.]+; no checkpoint had been saved yet"),
+    (10, r"model 1 has a non-finite gradient norm \(nan\) in step 5, loss [\d.]+; nothing after step 3 was saved: the "
+         r"last good checkpoint is .*checkpoint.pt \(after step 3\); expected finite values"),
+    (2, r"model 1 has a non-finite gradient norm \(nan\) in step 1, loss [\d.]+; no checkpoint had been saved yet"),
 ])
 def test_a_finite_loss_with_a_non_finite_gradient_stops_before_the_step(train_dir, tmp_path, capsys, monkeypatch,
                                                                         bad_call, message):
@@ -306,8 +317,8 @@ def test_a_finite_loss_with_a_non_finite_gradient_stops_before_the_step(train_di
 
 
 @pytest.mark.parametrize("merge_every, message", [
-    ("never", r"a model holds NaN or inf weights at step 6; nothing after step 3 was saved: the last good checkpoint"),
-    ("epoch", r"the merge at step 6 failed: key .* holds NaN or inf; refusing to merge it; nothing after step 3 was saved"),
+    ("never", r"a model holds NaN or inf weights after step 6; nothing after step 3 was saved: the last good checkpoint"),
+    ("epoch", r"the merge after step 6 failed: key .* holds NaN or inf; refusing to merge it; nothing after step 3 was saved"),
 ])
 def test_nan_weights_are_never_saved_or_merged(train_dir, tmp_path, capsys, monkeypatch, merge_every, message):
     real_step = train.train_step

@@ -71,6 +71,17 @@ def test_reading_t_off_the_papers_table_7():
         cosines[n] = t / (n - (n - 1) * t)  # Eq. (3) solved for cos
         assert model_stock.ratio(cosines[n], n) == pytest.approx(t)
     assert [round(cosines[n], 2) for n in (2, 3, 4)] == [0.52, 0.51, 0.57]
+    t = (5.16 / 5.63) ** 2  # the last row's distances are Table 1's average of five
+    assert round(t / (5 - 4 * t), 2) == 0.51
+
+
+def test_table_1_distances_count_the_members_inside_the_center():
+    """derivation.md §1: an average of N of the 50 models is r sqrt(1/N - 1/50) from their mean."""
+    single = 13.133
+    predicted = [single * math.sqrt((1 / n - 1 / 50) / (1 - 1 / 50)) for n in (2, 3, 5)]
+    assert [round(x, 2) for x in predicted] == [9.19, 7.43, 5.63]
+    measured, spread = [9.192, 7.439, 5.633], [0.003, 0.025, 0.014]  # Table 1: mean +- spread
+    assert all(abs(p - m) <= s for p, m, s in zip(predicted, measured, spread))
 
 
 def worked_example():
@@ -103,3 +114,57 @@ def test_the_figure_is_the_output_of_its_script():
     points, t = triangle.model_points(0.2)
     torch.testing.assert_close(points["mu"], torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
     assert t == pytest.approx(1 / 3)
+
+
+def quadratic_error(w0, m, alpha_star, kappa):
+    """derivation.md Eq. (15) with A = 1: |m|^2 (alpha - alpha*)^2 + kappa |e|^2, where
+    w - w0 = alpha m + e with e orthogonal to m."""
+    mm = m @ m
+
+    def error(w):
+        alpha = (w - w0) @ m / mm
+        e = (w - w0) - alpha * m
+        return (mm * (alpha - alpha_star) ** 2 + kappa * (e @ e)).item()
+    return error
+
+
+def best_on_line(error, start, direction):
+    """The best point s of error(start + s direction), exact for a quadratic: the parabola
+    through s = 0, 1, 2."""
+    e0, e1, e2 = (error(start + s * direction) for s in (0.0, 1.0, 2.0))
+    curvature = (e0 - 2 * e1 + e2) / 2
+    return 1 - (e2 - e0) / (4 * curvature), curvature
+
+
+def test_the_condition_predicts_which_wins_on_a_quadratic():
+    """derivation.md §11 on exact shells (§9's oracle) with the error (15): Eq. (13) to rounding,
+    the lines' best points (16)-(17), the estimate (19) of kappa rho, and the sign from (18)."""
+    from test_shells import shell
+
+    signs = {True: 0, False: 0}
+    for n, cos, seed in [(2, 0.3, 0), (2, 0.55, 1), (2, 0.8, 2), (3, 0.55, 3)]:
+        w0, ws, mu, m, _ = shell(n, cos, seed, orthogonal=True, dim=50_000)
+        d_bar = torch.stack(ws).mean(0) - w0
+        merged, ts = model_stock.merge({"w": w0}, [{"w": w} for w in ws])
+        t = ts["w"]
+        c = model_stock.cosine(w0, ws)
+        rho = (1 - c) / c
+        for alpha_star in (0.7, 0.85, 1.0, 1.1):
+            for kappa in (0.05, 0.3, 1.0):
+                error = quadratic_error(w0, m, alpha_star, kappa)
+                gain = error(w0 + d_bar) - error(merged["w"])  # Model Stock over the plain average
+                beta_star, curvature = best_on_line(error, w0, d_bar)
+                assert gain == pytest.approx(curvature * (1 - t) * (1 + t - 2 * beta_star), rel=1e-9)  # (13)
+                alpha_1, _ = best_on_line(error, w0, ws[0] - w0)
+                kr = kappa * rho
+                assert alpha_1 == pytest.approx(alpha_star / (1 + kr), rel=0.02)  # (16)
+                assert beta_star == pytest.approx(alpha_star / (1 + kr / n), rel=0.02)  # (17)
+                rise = error(ws[0]) - error(w0 + alpha_1 * (ws[0] - w0))
+                g = (error(ws[0]) - error(w0 + d_bar)) / rise
+                estimate = g * (1 - alpha_1) ** 2 / ((1 - 1 / n) - g * (1 - alpha_1) ** 2)
+                assert estimate == pytest.approx(kr, rel=0.1, abs=0.01)  # (19)
+                alpha_max = (1 + t) * (1 + kr / n) / (2 * (1 + kr))  # (18)
+                if abs(alpha_1 - alpha_max) > 0.02:
+                    assert (alpha_1 < alpha_max) == (gain > 0), (n, cos, alpha_star, kappa)
+                    signs[gain > 0] += 1
+    assert signs[True] >= 5 and signs[False] >= 5, signs  # both outcomes occur: the test can fail

@@ -34,12 +34,12 @@ def fail(prog, message, status=FAILURE):
     raise Exit(f"{prog}: error: {message}", status)
 
 
-def run(main, interrupted):
-    """Runs a script's main(): an Exit becomes its one line on stderr and its exit status,
+def run(main, interrupted, argv=None):
+    """Runs a script's main(argv): an Exit becomes its one line on stderr and its exit status,
     Ctrl-C the line `interrupted` and exit status 130. The line comes last, after the
     progress bars that the failed work leaves behind have closed."""
     try:
-        main()
+        main(argv)
         return
     except Exit as error:
         message, status = str(error), error.code
@@ -55,7 +55,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
     examples' line breaks."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

@@ -241,8 +241,8 @@ def eval_sets(args, preprocess, classnames):
             sets = [evaluate.image_folder(args.eval_dir, preprocess)]
         else:
             sets = evaluate.find_eval_sets(Path(args.data_location).expanduser(), preprocess)
-    except ValueError as error:
-        fail(error, cli.USAGE)
+    except ValueError as error:  # its message starts with the folder
+        fail(f"{'--eval-dir' if args.eval_dir else '--data-location'} {error}", cli.USAGE)
     if not sets:
         fail(f"--eval-every-epoch: no evaluation set found under --data-location {args.data_location}; "
              f"expected --eval-dir with a validation folder of the training classes, or the datasets of "

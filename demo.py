@@ -7,10 +7,9 @@ vanilla fine-tuning, a uniform average, Model Stock after and during training, a
 as the rows of the paper's Table 2. It reports how much the setting behaves like CLIP on
 ImageNet (the regime check, which never looks at a merge row) and the rows, whatever they show.
 
-    python demo.py              # pre-trains once (cached in --cache-dir), then fine-tunes and scores
-    python demo.py --quick      # the mechanics in under a minute
-    python demo.py --seed 1 --output demo_seed1.json
-    python demo.py --summarize demo_seed*.json     # mean, spread and standard error over seeds
+    python demo.py --quick                             # the mechanics in about a minute
+    python demo.py --seed 1 --output demo_seed1.json   # pre-trains once (cached), fine-tunes, scores
+    python demo.py --summarize demo_seed*.json         # mean, spread and standard error over seeds
 """
 import contextlib
 import hashlib
@@ -41,9 +40,12 @@ SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "h
 CLASSES = sorted(SHAPES)  # label order: train.py and evaluate.py sort class folders by name
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 190), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25)}
-# In-distribution "photo" (the ImageNet analogue) and the four shifts, named as in the paper.
+# In-distribution "photo" (the ImageNet analogue) and the four shifts, named as in the paper:
+# the JSON's keys. What each domain is, as the printed tables call it:
 DOMAINS = {"photo": "ImageNet", "resampled": "ImageNet-V2", "sketch": "ImageNet-Sketch",
            "painting": "ImageNet-R", "hard": "ImageNet-A"}
+LABELS = {"photo": "photo", "resampled": "resampled photo", "sketch": "sketch", "painting": "painting",
+          "hard": "cluttered"}
 # CLIP saw mostly photos: so does the tiny CLIP; sketches and paintings are rare, cluttered
 # photos less so. V2's re-samples are photos by construction.
 PRETRAINING_MIX = {"photo": 0.7, "sketch": 0.05, "painting": 0.05, "hard": 0.2}
@@ -404,8 +406,11 @@ def holds(value, rule):
             "between": lambda: bound[0] <= value <= bound[1]}[op]()
 
 
-def print_regime(targets, note=""):
-    print(f"\nregime check{note}: the setting, measured on zero-shot, vanilla FT and their geometry only")
+def print_regime(targets, note="", quick=False):
+    print()
+    if quick:
+        print("a reduced run (--quick) is not expected to meet these targets: it shows the mechanics only")
+    print(f"regime check{note}: the setting, measured on zero-shot, vanilla FT and their geometry only")
     for r in targets:
         op, bound = r["rule"]
         rule = f"in [{bound[0]}, {bound[1]}]" if op == "between" else f"{op} {bound}"
@@ -420,14 +425,25 @@ ROWS = {"zero-shot": 0, "vanilla FT": 1, "uniform average (2 FT)": 2, "Model Sto
 WISE_ALPHAS = (0.6, 0.7, 0.8, 0.9)  # along vanilla FT's WiSE-FT line, in distribution only
 
 
+def analogues():
+    """One line naming the ImageNet set each domain stands for."""
+    return "ImageNet analogues: " + ", ".join(
+        f"{LABELS[d]} = {name.removeprefix('ImageNet') or name}" for d, name in DOMAINS.items())
+
+
 def print_table(results, test_images):
-    columns = list(DOMAINS.values()) + ["Avg. shifts", "|w - center|"]
+    """One row per Table 2 row, one column per domain (a long name over two lines)."""
+    columns = [LABELS[d] for d in DOMAINS] + ["Avg. shifts", "|w - center|"]
+    widths = [10] * len(DOMAINS) + [13, 13]
+    split = [c.split(" ", 1) if len(c) >= w else ["", c] for c, w in zip(columns, widths)]
     se = 100 * math.sqrt(0.25 / test_images)
     print(f"\ntop-1 (%) on {test_images} images per domain (standard error at most {se:.1f} per cell)")
-    print(f"{'':28}{'cost':>5}" + "".join(f"{c:>16}" for c in columns))
+    print(analogues())
+    print((f"{'':33}" + "".join(f"{top:>{w}}" for (top, _), w in zip(split, widths))).rstrip())
+    print(f"{'':28}{'cost':>5}" + "".join(f"{bottom:>{w}}" for (_, bottom), w in zip(split, widths)))
     for name, r in results.items():
         cells = [r[c] for c in DOMAINS.values()] + [r["Avg. shifts"], r["distance to center"]]
-        print(f"{name:28}{r['cost']:>5}" + "".join(f"{c:>16.2f}" for c in cells))
+        print(f"{name:28}{r['cost']:>5}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)))
 
 
 def print_geometry(geometry, merges, n_models, held_out):
@@ -464,30 +480,37 @@ def plot(record, path):
     print(f"saved the plots to {path}")
 
 
-def fail(message, status=cli.FAILURE):
+def fail(message, status):
     cli.fail("demo.py", message, status)
 
 
 def load_runs(paths):
-    """The demo JSON files to aggregate; one line on stderr for anything else."""
+    """The demo JSON files to aggregate; one line on stderr for anything else: exit 2 for a
+    file that is missing or not a demo result, 1 for one that exists but cannot be read."""
     runs = []
+    expected = "expected a file written by demo.py --output"
     for path in paths:
         try:
             run = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read {path}: {e.strerror or e}")
+        except (FileNotFoundError, IsADirectoryError) as e:
+            fail(f"--summarize {path}: {e.strerror.lower()}; {expected}", cli.USAGE)
+        except OSError as e:
+            fail(f"--summarize {path}: cannot read it ({e.strerror.lower()})", cli.FAILURE)
+        except UnicodeDecodeError:
+            fail(f"--summarize {path} is not text; {expected}", cli.USAGE)
         except json.JSONDecodeError as e:
-            fail(f"{path} is not JSON ({e.msg}, line {e.lineno}); expected a file written by demo.py --output")
+            fail(f"--summarize {path} is not JSON ({e.msg}, line {e.lineno}); {expected}", cli.USAGE)
         if not isinstance(run, dict) or not {"results", "regime", "merges", "args"} <= run.keys():
-            fail(f"{path} is not a demo.py result (no results/regime/merges); expected a file written by demo.py --output")
+            fail(f"--summarize {path} is not a demo.py result (no results/regime/merges); {expected}", cli.USAGE)
         runs.append(run)
     settings = [{k: v for k, v in r["args"].items() if k not in ("seed", "output", "work_dir", "cache_dir")} | {"test_images": r["test_images"]}
                 for r in runs]
     if any(s != settings[0] for s in settings):
-        fail("the files come from runs with different settings; aggregate runs that differ only in --seed")
+        fail("--summarize: the files come from runs with different settings; aggregate runs that differ "
+             "only in --seed", cli.USAGE)
     seeds = [r["args"]["seed"] for r in runs]
     if len(set(seeds)) < len(seeds):
-        fail(f"seeds {seeds} repeat: aggregate runs of different --seed")
+        fail(f"--summarize: seeds {seeds} repeat; expected runs of different --seed", cli.USAGE)
     return runs
 
 
@@ -498,15 +521,18 @@ def summarize(paths):
     try:
         return aggregate(runs)
     except (KeyError, IndexError, TypeError, ValueError) as e:  # a hand-edited or truncated file
-        fail(f"the files do not hold every figure demo.py writes ({type(e).__name__}: {e}); rerun demo.py for them")
+        fail(f"--summarize: the files do not hold every figure demo.py writes ({type(e).__name__}: {e}); "
+             f"rerun demo.py for them", cli.USAGE)
 
 
 def aggregate(runs):
     k = len(runs)
-    columns = list(DOMAINS.values()) + ["Avg. shifts", "distance to center"]
+    columns = list(DOMAINS.values()) + ["Avg. shifts", "distance to center"]  # the JSON's keys
+    labels = [LABELS[d] for d in DOMAINS] + columns[len(DOMAINS):]
     print(f"{k} runs (seeds {', '.join(str(r['args']['seed']) for r in runs)}), {runs[0]['test_images']} test images "
           f"per domain: mean ± std over the runs (standard error of the mean = std / {math.sqrt(k):.2f})")
-    print("| row | cost | " + " | ".join(columns) + " |\n|---|---|" + "---|" * len(columns))
+    print(analogues())
+    print("| row | cost | " + " | ".join(labels) + " |\n|---|---|" + "---|" * len(columns))
     for row in runs[0]["results"]:
         cells = [np.array([r["results"][row][c] for r in runs]) for c in columns]
         print(f"| {row} | {runs[0]['results'][row]['cost']} | " + " | ".join(f"{v.mean():.1f} ± {v.std(ddof=1) if k > 1 else 0:.1f}"
@@ -525,42 +551,71 @@ def aggregate(runs):
     return {"runs": k, "regime": targets, "t_per_merge": merges.tolist()}
 
 
+def parse_args(argv):
+    examples = [line for line in __doc__.splitlines() if line.lstrip().startswith("python ")]
+    p = cli.Parser(prog="demo.py", description=__doc__.splitlines()[0],
+                   epilog="examples:\n" + "\n".join(examples))
+    add = p.add_argument
+    add("--summarize", nargs="+", metavar="JSON",
+        help="print mean, spread and standard error over finished runs' JSON files, then stop")
+    add("--quick", action="store_true", help="a reduced run that shows the mechanics in about a minute")
+    add("--seed", type=int, default=0, help="seeds the data and the fine-tunes (not the pre-training)")
+    add("--cache-dir", default="~/.cache/model_stock/demo", help="the pre-trained tiny CLIP lives here")
+    add("--work-dir", help="images and runs; unset: work_seed<N> under --cache-dir")
+    add("--output", default="demo.json", help="every figure, as JSON; plots go beside it")
+    add("--models", type=int, default=4,
+        help="independent fine-tunes: 2 for the rows, the rest for the center")
+    add("--lr", type=float, default=1.5e-3,
+        help="fine-tuning, the same for every row; pre-training uses 2e-3")
+    add("--epochs", type=int, default=16, help="one periodic merge per epoch")
+    add("--batch-size", type=int, default=32, help="fine-tuning")
+    add("--warmup", type=int, default=50, help="fine-tuning steps of linear learning-rate warm-up")
+    return p.parse_args(argv)
+
+
+def check(args, train_images):
+    """Every argument, before any work: a mistake is one line and exit 2, and nothing is written."""
+    output, parent = Path(args.output), Path(args.output).resolve().parent
+    rules = [
+        (args.seed < 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.models < 3, f"--models must be at least 3 (2 for the rows, the rest for the center), "
+                          f"got {args.models}"),
+        (args.epochs < 2, f"--epochs must be at least 2 (the plateau check compares the last two), "
+                          f"got {args.epochs}"),
+        (not 0 < args.batch_size <= train_images, f"--batch-size must be in 1..{train_images} (the photos to "
+                                                  f"fine-tune on), got {args.batch_size}"),
+        (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (args.warmup < 0, f"--warmup must be >= 0, got {args.warmup}"),
+        (not parent.is_dir(), f"--output {args.output}: no folder {parent}"),
+        (output.is_dir(), f"--output {args.output} is a folder; expected a file name such as demo.json")]
+    problem = next((message for broken, message in rules if broken), None)
+    reason = problem is None and merge_checkpoints.cannot_write_in(parent)
+    if reason:
+        problem = f"--output {args.output}: cannot write in {parent} ({reason}); expected a writable folder"
+    if problem:
+        fail(problem, cli.USAGE)
+
+
 def main(argv=None):
-    p = cli.Parser(prog="demo.py", description=__doc__.splitlines()[0])
-    p.add_argument("--summarize", nargs="+", metavar="JSON", help="print mean, spread and standard error over finished runs' JSON files, then stop")
-    p.add_argument("--quick", action="store_true", help="a reduced run that shows the mechanics in under a minute")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data and the fine-tunes (not the pre-training)")
-    p.add_argument("--cache-dir", default="~/.cache/model_stock/demo", help="the pre-trained tiny CLIP lives here")
-    p.add_argument("--work-dir", default=None, help="images and runs (default: a folder under --cache-dir)")
-    p.add_argument("--output", default="demo.json", help="every figure, as JSON; plots go beside it")
-    p.add_argument("--models", type=int, default=4, help="independent fine-tunes: 2 for the rows, the rest for the center")
-    p.add_argument("--lr", type=float, default=1.5e-3, help="fine-tuning, the same for every row (pre-training: 2e-3)")
-    p.add_argument("--epochs", type=int, default=16, help="one periodic merge per epoch")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=50)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
     if args.quick:
         args.models, args.epochs, args.warmup = 3, 2, 2
     (pretrain_steps, pretrain_batch), train_images, test_images = ((30, 64), 128, 100) if args.quick else \
         ((PRETRAIN_STEPS, 256), TRAIN_IMAGES, TEST_IMAGES)
-    problem = (args.seed < 0 and f"--seed must be >= 0, got {args.seed}"
-               or args.models < 3 and f"--models must be at least 3 (2 for the rows, the rest for the center), got {args.models}"
-               or args.epochs < 2 and f"--epochs must be at least 2 (the plateau check compares the last two), got {args.epochs}"
-               or not 0 < args.batch_size <= train_images and f"--batch-size must be in 1..{train_images} (the photos to fine-tune on), got {args.batch_size}"
-               or not args.lr > 0 and f"--lr must be positive, got {args.lr}"
-               or args.warmup < 0 and f"--warmup must be >= 0, got {args.warmup}"
-               or not Path(args.output).resolve().parent.is_dir() and f"--output {args.output}: no folder {Path(args.output).resolve().parent}")
-    if problem:
-        fail(problem)
+    check(args, train_images)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
     cache = Path(args.cache_dir).expanduser()
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        reason = merge_checkpoints.cannot_write_in(cache)
     except OSError as e:
-        fail(f"--cache-dir {cache}: {e.strerror}")
+        reason = e.strerror.lower()
+    if reason:
+        fail(f"--cache-dir {args.cache_dir}: cannot write in {cache} ({reason}); expected a writable folder",
+             cli.USAGE)
     work = Path(args.work_dir or cache / f"work_seed{args.seed}{'_quick' if args.quick else ''}")
 
     # 1. The CLIP analogue, then the world: photos to fine-tune on, photos to watch the plateau
@@ -626,17 +681,25 @@ def main(argv=None):
     print_geometry(geometry, merges, args.models, len(held_out))
     print(f"vanilla FT, ID on held-out photos by epoch: {' '.join(f'{a:.1f}' for a in id_by_epoch)}; "
           f"along its WiSE-FT line: " + " ".join(f"{a:g}: {v:.1f}" for a, v in wise_id.items()))
-    print_regime(targets)
+    print_regime(targets, quick=args.quick)
     seconds = time.perf_counter() - start
     print(f"fine-tuning took {finetune_s:.0f} s; total {seconds:.0f} s")
     record = {"results": results, "regime": targets, "wise_ft_id": wise_id, "id_by_epoch": id_by_epoch,
               "merges": [{"step": m["step"], "epoch": m["epoch"], "t_summary": m["t_summary"]} for m in merges],
               "geometry": geometry, "test_images": test_images, "args": vars(args), "pretrained": str(weights),
               "seconds": seconds, "finetune_seconds": finetune_s, "code_version": evaluate.code_version()}
-    merge_checkpoints.write_atomically(args.output, lambda f: f.write_text(json.dumps(record, indent=1)))
-    print(f"wrote {args.output}")
-    plot(record, Path(args.output).with_suffix(".png"))
+    save(record, args.output)
     return record
+
+
+def save(record, output):
+    """The record as JSON at `output`, and its plots beside it. If `output` cannot be written
+    after all, the record goes to a temporary file, named in the one line of exit 1."""
+    elsewhere = merge_checkpoints.write_results(output, json.dumps(record, indent=1))
+    if elsewhere:
+        fail(elsewhere, cli.FAILURE)
+    print(f"wrote {output}")
+    plot(record, Path(output).with_suffix(".png"))
 
 
 PRETRAIN_STEPS, TRAIN_IMAGES, TEST_IMAGES = 2500, 2000, 5000

@@ -5,12 +5,12 @@ The classifier is an open_clip image encoder, L2-normalised features and a linea
 scored top-1 on ImageNet, -V2, -Sketch, -R, ObjectNet and -A as the paper's Table 2 was.
 
     python evaluate.py --data-location ~/data                                 # zero-shot ViT-B/32
-    python evaluate.py --checkpoint merged.safetensors ft.pt --data-location ~/data
     python evaluate.py --checkpoint ft.safetensors --wise-ft 0,0.5,1 --data-location ~/data
-    python evaluate.py --data-dir my_images/val                               # your own classes
+    python evaluate.py --data-dir my_images/val --checkpoint merged.safetensors  # your own classes
     from evaluate import build_classifier, load_checkpoint, find_eval_sets, evaluate
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +18,6 @@ import os
 import pkgutil
 import re
 import subprocess
-import sys
 import time
 import warnings
 from functools import lru_cache
@@ -250,12 +249,13 @@ def state_dict_mismatch(expected, state_dict):
     return problem or next((f"unexpected key {k}" for k in state_dict if k not in expected), None)
 
 
-def load_checkpoint(classifier, checkpoint):
+def load_checkpoint(classifier, checkpoint, name=None):
     """Loads a checkpoint file or state dict into `classifier` (strict); returns classifier.
 
-    A checkpoint of another architecture is a one-line ValueError naming the first mismatch.
+    A checkpoint of another architecture is a one-line ValueError naming the first mismatch
+    (and the checkpoint: `name`, else its path or "state dict").
     """
-    source = checkpoint if isinstance(checkpoint, (str, Path)) else "state dict"
+    source = name or (checkpoint if isinstance(checkpoint, (str, Path)) else "state dict")
     state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     problem = state_dict_mismatch(classifier.state_dict(), state_dict)
     if problem:
@@ -440,13 +440,23 @@ def find_eval_sets(data_location, transform, objectnet_crop=False, names=tuple(D
     return eval_sets
 
 
+SPLITS = {"train", "training", "val", "valid", "validation", "dev", "test", "testing"}
+
+
 def folder_classnames(root):
-    """Class names of an ImageFolder tree: sorted folder names, underscores to spaces."""
+    """Class names of an ImageFolder tree: sorted folder names, underscores to spaces. A tree
+    whose folders are all dataset splits (train/, val/) is refused: it is one level too high.
+    Errors are a ValueError that starts with `root` (callers put their flag in front)."""
     folders = class_folders(root) if Path(root).is_dir() else []
     if not folders:
         files = sorted(os.listdir(root))[:1] if Path(root).is_dir() else []
         found = f"found files ({files[0]}, ...) but no folders" if files else "found none"
         raise ValueError(f"{root}: expected one folder of images per class, {found}")
+    if all(f.lower() in SPLITS for f in folders):
+        held = " and ".join(", ".join(f"{f}/" for f in folders).rsplit(", ", 1))  # "test/, train/ and val/"
+        splits = "dataset splits, not classes" if len(folders) > 1 else "a dataset split, not a class"
+        paths = " or ".join(str(Path(root) / f) for f in folders)
+        raise ValueError(f"{root} holds {held}: {splits}; expected the folder of one split, {paths}")
     return [f.replace("_", " ") for f in folders]
 
 
@@ -512,31 +522,40 @@ def alpha_list(text):
 
 
 def parse_args(argv=None):
-    p = cli.Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", nargs="*", default=[],
-                   help="classifier state dicts (.safetensors/.pt); none: the zero-shot model")
-    p.add_argument("--model", default="ViT-B-32-quickgelu",
-                   help="open_clip model name (paper: ViT-B-32-quickgelu; also ViT-B-16, ViT-L-14) or a config .json")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag, a local .safetensors/.pt state dict, or 'none' (random); for "
-                        "OpenAI weights use the tag 'openai', not their TorchScript .pt")
-    p.add_argument("--data-location", default="~/data", help="the folder holding the six datasets")
-    p.add_argument("--data-dir", help="score your own ImageFolder tree instead; folders = class names")
-    p.add_argument("--wise-ft", type=alpha_list, help="alphas, e.g. 0,0.2,0.4,0.6,0.8,1: evaluate (1-a)*zero-shot + "
-                                     "a*checkpoint (the WiSE-FT curve of the paper's Fig. 1)")
-    p.add_argument("--objectnet-crop", action="store_true",
-                   help="crop ObjectNet's border; the published numbers did not (a no-op bug)")
-    p.add_argument("--batch-size", type=int, default=256, help="does not change the accuracy")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help="data loading processes; JPEG decoding is the bottleneck, so use every core")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true",
-                   help="no bf16 autocast on CUDA; the published numbers were computed in fp32")
-    p.add_argument("--cache-dir", default="~/.cache/model_stock", help="zero-shot heads are cached here")
-    p.add_argument("--output", default="evaluation.json", help="results (.json); the WiSE-FT plot goes beside")
+    examples = [line for line in __doc__.splitlines() if line.lstrip().startswith("python ")]
+    p = cli.Parser(prog="evaluate.py", description=__doc__.split("\n")[0],
+                   epilog="examples:\n" + "\n".join(examples))
+    add = p.add_argument
+    add("--checkpoint", nargs="*",
+        help="classifier state dicts (.safetensors/.pt, as train.py writes); none: the zero-shot model")
+    add("--model", default="ViT-B-32-quickgelu",
+        help="open_clip model name (paper: ViT-B-32-quickgelu; also ViT-B-16, ViT-L-14) or a config .json")
+    add("--pretrained", default="openai",
+        help="open_clip pretrained tag, a local .safetensors/.pt state dict, or 'none' (random); for "
+             "OpenAI weights use the tag 'openai', not their TorchScript .pt")
+    add("--data-location", default="~/data",
+        help="the folder holding the six datasets, laid out as docs/datasets.md says")
+    add("--data-dir", help="score your own ImageFolder tree instead, one split (e.g. my_images/val); "
+                           "folders = class names")
+    add("--wise-ft", type=alpha_list, help="alphas, e.g. 0,0.2,0.4,0.6,0.8,1: evaluate (1-a)*zero-shot + "
+                                           "a*checkpoint (the WiSE-FT curve of the paper's Fig. 1)")
+    add("--objectnet-crop", action="store_true",
+        help="crop ObjectNet's border; the published numbers did not (a no-op bug)")
+    add("--batch-size", type=int, default=256, help="does not change the accuracy")
+    add("--workers", type=int, default=os.cpu_count(),
+        help="data loading processes; JPEG decoding is the bottleneck, so use every core")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N; cuda where a GPU is found")
+    add("--fp32", action="store_true",
+        help="no bf16 autocast on CUDA; the published numbers were computed in fp32")
+    add("--cache-dir", default="~/.cache/model_stock", help="zero-shot heads are cached here")
+    add("--output", default="evaluation.json", help="results (.json); the WiSE-FT plot goes beside")
     args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint or []
     if args.batch_size < 1 or args.workers < 0:
         p.error(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    if args.wise_ft and not args.checkpoint:
+        p.error("--wise-ft interpolates towards a fine-tuned model: give it --checkpoint")
     if Path(args.output).suffix != ".json":
         p.error(f"--output {args.output}: expected a file name ending in .json")
     try:
@@ -551,6 +570,81 @@ def parse_args(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here; expected --device cpu")
     return args
+
+
+def fail(message, status):
+    cli.fail("evaluate.py", message, status)
+
+
+@contextlib.contextmanager
+def exit_on_error(status, flag=""):
+    """The library's ValueErrors (one line each) end the program with exit status `status`,
+    `flag` in front (their messages start with the flag's path); an OSError with exit 1."""
+    try:
+        yield
+    except ValueError as error:
+        fail(f"{flag}{error}", status)
+    except OSError as error:  # a file or folder that cannot be read: not the command's fault
+        fail(f"{error.filename or 'a file'}: cannot be read ({error.strerror or error}); expected readable "
+             f"files and folders", cli.FAILURE)
+
+
+def check_paths(args):
+    """The paths of the command, before any work: a mistake is one line and exit 2."""
+    output = Path(args.output)
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        fail(f"--output {args.output}: its folder does not exist", cli.USAGE)
+    if output.is_dir():
+        fail(f"--output {args.output} is a folder; expected a file name ending in .json", cli.USAGE)
+    reason = merge_checkpoints.cannot_write_in(parent)
+    if reason:
+        fail(f"--output {args.output}: cannot write in {parent} ({reason}); expected a writable folder",
+             cli.USAGE)
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        fail(f"--data-dir {args.data_dir} is not a folder; expected one folder of images per class",
+             cli.USAGE)
+    missing = next((c for c in args.checkpoint if not os.path.exists(c)), None)
+    if missing:
+        fail(f"--checkpoint {missing}: no such file; expected a classifier state dict (.safetensors, .pt)",
+             cli.USAGE)
+
+
+def check_checkpoint(skeleton, checkpoint, data_dir):
+    """Reads a --checkpoint (exit 1 if it cannot be) and checks that it fits the model and the
+    classes scored (exit 2 if not): a head of another class count is named as such, before
+    load_checkpoint names a difference of architecture."""
+    with exit_on_error(cli.FAILURE):
+        state_dict = read_checkpoint(checkpoint)
+    ours, theirs = skeleton.classification_head.weight, state_dict.get("classification_head.weight")
+    if theirs is not None and theirs.dim() == 2 and len(theirs) != len(ours):
+        # Were the head resized to theirs, would everything else fit? Then only the classes differ.
+        resized = {**skeleton.state_dict(), "classification_head.bias": ours.new_empty(len(theirs)),
+                   "classification_head.weight": ours.new_empty(len(theirs), ours.shape[1])}
+        if state_dict_mismatch(resized, state_dict) is None:
+            fail(f"checkpoint {checkpoint} has a head of {len(theirs)} classes, " + (
+                f"--data-dir {data_dir} has {len(ours)} class folders; expected the validation folder of the "
+                f"classes it was trained on" if data_dir else
+                "not ImageNet's 1000; expected a 1000-class ImageNet classifier (for your own classes, pass "
+                "--data-dir with their validation folder)"), cli.USAGE)
+    with exit_on_error(cli.USAGE):
+        load_checkpoint(skeleton, state_dict, name=checkpoint)
+
+
+def describe(args, eval_sets, device):
+    """The run in one line: what is scored, with which model and weights, where, on what, to where."""
+    weights = {None: "random weights"}.get(args.pretrained) or f"{Path(args.pretrained).name} weights"
+    what = f"the zero-shot {args.model} ({weights})"
+    if args.checkpoint:
+        names = ", ".join(Path(c).name for c in args.checkpoint)
+        alphas = f" at WiSE-FT alphas {','.join(f'{a:g}' for a in args.wise_ft)}" if args.wise_ft else ""
+        what = f"{names}{alphas} ({args.model}, {weights})"
+    if args.data_dir:
+        data = f"--data-dir {args.data_dir} ({len(eval_sets[0].dataset.classes)} classes, " \
+               f"{len(eval_sets[0].dataset):,} images)"
+    else:
+        data = f"{', '.join(s.name for s in eval_sets)} under {args.data_location}"
+    return f"scoring {what} on {device}: {data} -> {args.output}"
 
 
 def code_version():
@@ -611,57 +705,49 @@ def plot_wise_ft(runs, path):
 
 
 def main(argv=None):
-    """The command line; bad input (files, folders, checkpoints) ends in one line, not a traceback."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as error:
-        sys.exit(f"evaluate.py: error: {error}")
+    """The command line: a mistake in it is one line and exit 2, a failure while scoring exit 1."""
+    return run(parse_args(argv))
 
 
 def run(args):
-    # 1. Arguments, printed and saved with the results; everything that can fail on the
-    #    user's input is checked before the long work starts.
+    # 1. Paths, checked before any work (the other arguments were, by parse_args). Everything
+    #    that can fail on the user's input is checked before the long work starts: exit 2.
     warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
     alphas = args.wise_ft
-    if alphas and not args.checkpoint:
-        raise ValueError("--wise-ft interpolates towards a fine-tuned model: give it --checkpoint")
-    parent = Path(args.output).resolve().parent
-    if not parent.is_dir():
-        raise ValueError(f"--output {args.output}: its folder does not exist")
-    if Path(args.output).is_dir():
-        raise ValueError(f"--output {args.output} is a folder; expected a file name ending in .json")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {args.output}: cannot write in {parent} (permission denied); expected a writable folder")
-    if args.data_dir and not Path(args.data_dir).is_dir():
-        raise ValueError(f"--data-dir {args.data_dir} is not a folder; expected one folder of images per class")
-    print(json.dumps(vars(args), indent=1))
+    check_paths(args)
     device = torch.device(args.device)
 
     # 2. The datasets, scanned once and shared by every model below; before the model is
     #    built, so that a malformed folder fails in seconds. Their transform comes in step 3.
     if args.data_dir:
-        eval_sets = [image_folder(args.data_dir, None)]
+        with exit_on_error(cli.USAGE, flag="--data-dir "):
+            eval_sets = [image_folder(args.data_dir, None)]
     else:
-        data_location = Path(args.data_location).expanduser()
-        eval_sets = find_eval_sets(data_location, None, args.objectnet_crop)
+        with exit_on_error(cli.USAGE):
+            eval_sets = find_eval_sets(Path(args.data_location).expanduser(), None, args.objectnet_crop)
     if not eval_sets:
-        raise ValueError(f"no dataset found under {args.data_location}; see the README for the layout")
+        fail(f"no dataset found under --data-location {args.data_location}; expected the folders of "
+             f"docs/datasets.md, or --data-dir with a folder of your own classes", cli.USAGE)
+    print(describe(args, eval_sets, device))  # the arguments themselves go into the JSON
 
     # 3. The classifier: zero-shot head from ImageNet's or the --data-dir folders' class names.
-    #    Each checkpoint is read and checked against the architecture first, on a skeleton that
-    #    loads no weights: an unreadable file or another --model fails in seconds, before any
-    #    download or text encoding.
+    #    Each checkpoint is read and checked against the architecture and the classes first, on a
+    #    skeleton that loads no weights: an unreadable file, another --model or other classes
+    #    fail in seconds, before any download or text encoding. Weights that cannot be
+    #    downloaded or loaded fail as in train.py (exit 1).
     #    A checkpoint replaces the head, so only the zero-shot model and WiSE-FT need it built.
     classnames = folder_classnames(args.data_dir) if args.data_dir else None
     if args.checkpoint:
-        skeleton, _ = build_classifier(args.model, args.pretrained, classnames, zero_shot=False, load_weights=False)
+        with exit_on_error(cli.FAILURE):
+            skeleton, _ = build_classifier(args.model, args.pretrained, classnames, zero_shot=False,
+                                           load_weights=False)
         for checkpoint in args.checkpoint:
-            load_checkpoint(skeleton, checkpoint)
+            check_checkpoint(skeleton, checkpoint, args.data_dir)
         del skeleton
-    classifier, preprocess = build_classifier(
-        args.model, args.pretrained, classnames, cache_dir=args.cache_dir, device=device,
-        zero_shot=not args.checkpoint or bool(alphas))
+    with exit_on_error(cli.FAILURE):
+        classifier, preprocess = build_classifier(
+            args.model, args.pretrained, classnames, cache_dir=args.cache_dir, device=device,
+            zero_shot=not args.checkpoint or bool(alphas))
     for eval_set in eval_sets:
         eval_set.dataset.transform = preprocess  # the model's resize, crop and normalisation
     w0 = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
@@ -674,29 +760,33 @@ def run(args):
         models = [(Path(c).name + (f" a={a:g}" if alphas else ""), c, a)
                   for c in args.checkpoint for a in alphas or [None]]
 
-    # 5. Evaluate every model on every dataset.
+    # 5. Evaluate every model on every dataset; an unreadable image or file is exit 1.
     runs = []
     for label, checkpoint, alpha in models:
-        if checkpoint:
-            load_checkpoint(classifier, checkpoint)
-            if alpha is not None:
-                w = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
-                load_checkpoint(classifier, wise_ft(w0, w, alpha))
-        results = {}
-        for eval_set in eval_sets:
-            r = evaluate(classifier, eval_set, args.batch_size, args.workers, device,
-                         bf16=device.type == "cuda" and not args.fp32)
-            results[eval_set.name] = {**r, "folder": eval_set.folder}
-            print(f"{label} | {eval_set.name}: {r['top1']:.2f}% of {r['images']:,} images, "
-                  f"{r['images_per_s']:.0f} images/s")
+        with exit_on_error(cli.FAILURE):
+            if checkpoint:
+                load_checkpoint(classifier, checkpoint)
+                if alpha is not None:
+                    w = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+                    load_checkpoint(classifier, wise_ft(w0, w, alpha))
+            results = {}
+            for eval_set in eval_sets:
+                r = evaluate(classifier, eval_set, args.batch_size, args.workers, device,
+                             bf16=device.type == "cuda" and not args.fp32)
+                results[eval_set.name] = {**r, "folder": eval_set.folder}
+                print(f"{label} | {eval_set.name}: {r['top1']:.2f}% of {r['images']:,} images, "
+                      f"{r['images_per_s']:.0f} images/s")
         runs.append({"label": label, "checkpoint": checkpoint or "zero-shot", "alpha": alpha,
                      "datasets": results, "avg_shifts": avg_shifts(results)})
     print_table(runs, [s.name for s in eval_sets])
 
-    # 6. Results (and the WiSE-FT plot) beside each other.
+    # 6. Results (and the WiSE-FT plot) beside each other. If --output cannot be written after
+    #    all, the results go to a temporary file, named in the one line of exit 1.
     output = Path(args.output)
     record = {"runs": runs, "args": vars(args), "code_version": code_version()}
-    merge_checkpoints.write_atomically(output, lambda f: f.write_text(json.dumps(record, indent=1)))
+    elsewhere = merge_checkpoints.write_results(output, json.dumps(record, indent=1))
+    if elsewhere:
+        fail(elsewhere, cli.FAILURE)
     print(f"\nwrote {output}")
     if alphas:
         plot_wise_ft(runs, output.with_name(output.stem + "_wise_ft.png"))
@@ -704,8 +794,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("evaluate.py: interrupted; no results were written", file=sys.stderr)
-        sys.exit(130)
+    cli.run(main, "evaluate.py: interrupted; no results were written")

@@ -18,8 +18,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_quick_demo_runs_every_row_and_checks_the_regime(tmp_path, one_thread):
+def test_quick_demo_runs_every_row_and_checks_the_regime(tmp_path, one_thread, capsys):
     record = demo.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "demo.json")])
+    # The table names the domains as what they are, their ImageNet analogues once; --quick says
+    # that its regime check is not expected to hold.
+    out = capsys.readouterr().out
+    assert "\nImageNet analogues: photo = ImageNet, resampled photo = -V2, sketch = -Sketch, painting = -R, " \
+           "cluttered = -A\n" in out
+    table = out.split("ImageNet analogues: ", 1)[1].splitlines()[1:3 + len(demo.ROWS)]
+    assert table[0].split() == ["resampled"]
+    assert table[1].split()[:7] == ["cost", "photo", "photo", "sketch", "painting", "cluttered", "Avg."]
+    assert [line[:28].strip() for line in table[2:]] == list(demo.ROWS) and max(map(len, table)) <= 110
+    assert "\na reduced run (--quick) is not expected to meet these targets: it shows the mechanics only\n" \
+           "regime check: " in out
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["results"] == record["results"] and saved["regime"] == record["regime"]
     rows = record["results"]
@@ -56,25 +67,42 @@ def test_summarize_aggregates_runs_and_refuses_bad_input(tmp_path, capsys):
         paths[-1].write_text(json.dumps(run))
     summary = demo.main(["--summarize", *map(str, paths)])
     assert summary["runs"] == 2 and summary["regime"][0]["value"] == 5000
-    assert "| zero-shot | 0 | 55.0 ± 7.1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| zero-shot | 0 | 55.0 ± 7.1 |" in out
+    assert "| row | cost | photo | resampled photo | sketch | painting | cluttered | Avg. shifts | " \
+           "distance to center |" in out  # printed names; the JSON keys stay ImageNet's
+    expected = "expected a file written by demo.py --output"
     (tmp_path / "other.json").write_text(json.dumps({**run, "test_images": 100}))
     (tmp_path / "bad.json").write_text("{")
-    for bad in (["missing.json"], [str(tmp_path / "bad.json")], [str(paths[0]), str(tmp_path / "other.json")],
-                [str(paths[1]), str(paths[1])]):
+    (tmp_path / "list.json").write_text("[]")
+    for bad, message in (
+            (["missing.json"], f"--summarize missing.json: no such file or directory; {expected}"),
+            ([str(tmp_path)], f"--summarize {tmp_path}: is a directory; {expected}"),
+            ([str(tmp_path / "bad.json")], f"--summarize {tmp_path / 'bad.json'} is not JSON (Expecting "
+                                           f"property name enclosed in double quotes, line 1); {expected}"),
+            ([str(tmp_path / "list.json")], f"--summarize {tmp_path / 'list.json'} is not a demo.py result "
+                                            f"(no results/regime/merges); {expected}"),
+            ([str(paths[0]), str(tmp_path / "other.json")],
+             "--summarize: the files come from runs with different settings; aggregate runs that differ only "
+             "in --seed"),
+            ([str(paths[1]), str(paths[1])],
+             "--summarize: seeds [1, 1] repeat; expected runs of different --seed")):
         with pytest.raises(SystemExit) as error:
             demo.main(["--summarize", *bad])
-        assert str(error.value).startswith("demo.py: error: ") and "\n" not in str(error.value)
+        assert str(error.value) == f"demo.py: error: {message}" and error.value.code == 2
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--seed", "-1"], "--seed must be >= 0, got -1"), (["--models", "2"], "--models must be at least 3"),
     (["--epochs", "1"], "--epochs must be at least 2"), (["--batch-size", "0"], "--batch-size must be in 1.."),
     (["--lr", "nan"], "--lr must be positive"), (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--output", "/no/such/folder/demo.json"], "--output /no/such/folder/demo.json: no folder")])
-def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, flags, message):
+    (["--output", "/no/such/folder/demo.json"],
+     "--output /no/such/folder/demo.json: no folder /no/such/folder"),
+    (["--output", "/"], "--output / is a folder; expected a file name such as demo.json")])
+def test_bad_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as error:
         demo.main(["--cache-dir", str(tmp_path / "cache"), *flags])
-    assert str(error.value).startswith(f"demo.py: error: {message}")
+    assert str(error.value).startswith(f"demo.py: error: {message}") and error.value.code == 2
     assert "\n" not in str(error.value) and not (tmp_path / "cache").exists()
 
 

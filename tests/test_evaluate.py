@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import ToTensor
 
+import cli
 import evaluate as ev
 import merge_checkpoints
 
@@ -318,20 +319,24 @@ def test_command_line_zero_shot_checkpoint_and_wise_ft(tiny_clip_name, tiny_weig
     assert "Avg. shifts" not in out  # shown only when all five shifts ran
 
 
-def test_command_line_errors_are_one_line_and_early(tiny_clip_name, tmp_path, capsys):
+def test_command_line_errors_are_one_line_exit_2_and_early(tiny_clip_name, tmp_path, capsys):
     (tmp_path / "val" / "cat").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "cat" / "0.png")
-    common = ["--model", tiny_clip_name, "--pretrained", "none", "--data-dir", str(tmp_path / "val"), "--workers", "0"]
+    common = ["--model", tiny_clip_name, "--pretrained", "none", "--data-dir", str(tmp_path / "val"),
+              "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
     cases = [
         (["--output", str(tmp_path / "nowhere" / "r.json")], "--output .*: its folder does not exist"),
-        (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt: cannot be loaded"),
+        (["--checkpoint", str(tmp_path / "missing.pt")],
+         r"--checkpoint .*missing.pt: no such file; expected a classifier state dict \(.safetensors, .pt\)"),
         (["--data-dir", str(tmp_path / "nope")], "--data-dir .*nope is not a folder"),
-        (["--wise-ft", "0.5"], "--wise-ft interpolates towards a fine-tuned model"),
+        (["--wise-ft", "0.5"], "--wise-ft interpolates towards a fine-tuned model: give it --checkpoint"),
+        (["--wise-ft", "0,x"], "expected comma-separated numbers such as 0,0.5,1, got '0,x'"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            ev.main(common + extra)
-        assert re.search(message, str(exit_info.value)), exit_info.value
-    with pytest.raises(SystemExit):
-        ev.main(common + ["--wise-ft", "0,x"])
-    assert "expected comma-separated numbers such as 0,0.5,1, got '0,x'" in capsys.readouterr().err
+            ev.main(common + ["--output", str(tmp_path / "out.json")] + extra)
+        error = exit_info.value
+        line = str(error) if isinstance(error, cli.Exit) else capsys.readouterr().err.strip()
+        assert error.code == cli.USAGE and line.startswith("evaluate.py: error: "), line
+        assert re.search(message, line) and "\n" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]  # nothing written, not even the cache

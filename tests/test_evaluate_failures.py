@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import evaluate as ev
 import merge_checkpoints
 
@@ -54,64 +55,80 @@ def test_a_model_trained_with_a_config_and_no_weights_evaluates(files, tmp_path,
     assert "Avg. shifts" not in capsys.readouterr().out  # only with all five shifts
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--model", "ViT-B-32-typo"], "--model 'ViT-B-32-typo' is not an open_clip model name"),
-    (["--model", "missing.json"], "--model missing.json: cannot read it (No such file or directory)"),
-    (["--pretrained", "missing.pt"], "--pretrained missing.pt: no such file; expected a weights file, a pretrained tag "
-                                     "or 'none'"),
-    (["--pretrained", "{files}/val"], "--pretrained {files}/val is a folder; expected a weights file (.safetensors, "
-                                      ".pt, .pth) in it, a pretrained tag or 'none'"),
-    (["--pretrained", "laion2b"], "--pretrained 'laion2b' is neither a weights file nor a pretrained tag of "
-                                  "tiny-clip-test (it has no pretrained tags)"),
-    (["--pretrained", "{files}/wide_clip.safetensors"], "cannot build tiny-clip-test with a local weights file "
-                                                         "(RuntimeError: Error(s) in loading state_dict"),
-    (["--model", "ViT-B-32-quickgelu"], "cannot build ViT-B-32-quickgelu with the 'openai' weights (RuntimeError: Failed "
-                                        "to download weights"),
-    (["--pretrained", "none", "--checkpoint", "{files}/wide.safetensors"],
-     "{files}/wide.safetensors is not a checkpoint of this tiny-clip-test classifier: model.visual.class_embedding has "
-     "shape (128,), the model (64,); pass the --model it was trained with"),
-    (["--pretrained", "none", "--data-dir", "{files}/flat"], "{files}/flat: expected one folder of images per class, "
-                                                            "found files (0.png, ...) but no folders"),
-    (["--pretrained", "none", "--output", "results.txt"], "--output results.txt: expected a file name ending in .json"),
-    (["--pretrained", "none", "--output", "{files}/val"], "--output {files}/val: expected a file name ending in .json"),
-    (["--pretrained", "none", "--output", "{files}/folder.json"], "--output {files}/folder.json is a folder; expected "
-                                                                  "a file name ending in .json"),
-    (["--pretrained", "none", "--workers", "-1"], "--batch-size must be >= 1 and --workers >= 0, got 256 and -1"),
-    (["--pretrained", "none", "--device", "gpu"], "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
-    pytest.param(["--pretrained", "none", "--device", "cuda"], "--device cuda: no CUDA device here; expected --device cpu",
+USAGE, FAILURE = cli.USAGE, cli.FAILURE
+
+
+@pytest.mark.parametrize("flags, status, message", [
+    (["--model", "ViT-B-32-typo"], USAGE, "--model 'ViT-B-32-typo' is not an open_clip model name"),
+    (["--model", "missing.json"], USAGE, "--model missing.json: cannot read it (No such file or directory)"),
+    (["--pretrained", "missing.pt"], USAGE,
+     "--pretrained missing.pt: no such file; expected a weights file, a pretrained tag or 'none'"),
+    (["--pretrained", "{files}/val"], USAGE,
+     "--pretrained {files}/val is a folder; expected a weights file (.safetensors, .pt, .pth) in it, a "
+     "pretrained tag or 'none'"),
+    (["--pretrained", "laion2b"], USAGE,
+     "--pretrained 'laion2b' is neither a weights file nor a pretrained tag of tiny-clip-test (it has no "
+     "pretrained tags)"),
+    # Weights that do not load, or cannot be downloaded: exit 1, as train.py says it.
+    (["--pretrained", "{files}/wide_clip.safetensors"], FAILURE,
+     "cannot build tiny-clip-test with a local weights file (RuntimeError: Error(s) in loading state_dict"),
+    (["--model", "ViT-B-32-quickgelu"], FAILURE,
+     "cannot build ViT-B-32-quickgelu with the 'openai' weights (RuntimeError: Failed to download weights"),
+    (["--pretrained", "none", "--checkpoint", "{files}/wide.safetensors"], USAGE,
+     "{files}/wide.safetensors is not a checkpoint of this tiny-clip-test classifier: "
+     "model.visual.class_embedding has shape (128,), the model (64,); pass the --model it was trained with"),
+    (["--pretrained", "none", "--checkpoint", "{files}/damaged.safetensors"], FAILURE,
+     "{files}/damaged.safetensors: cannot be loaded"),
+    (["--pretrained", "none", "--data-dir", "{files}/flat"], USAGE,
+     "--data-dir {files}/flat: expected one folder of images per class, found files (0.png, ...) but no folders"),
+    (["--pretrained", "none", "--output", "results.txt"], USAGE,
+     "--output results.txt: expected a file name ending in .json"),
+    (["--pretrained", "none", "--output", "{files}/val"], USAGE,
+     "--output {files}/val: expected a file name ending in .json"),
+    (["--pretrained", "none", "--output", "{files}/folder.json"], USAGE,
+     "--output {files}/folder.json is a folder; expected a file name ending in .json"),
+    (["--pretrained", "none", "--workers", "-1"], USAGE,
+     "--batch-size must be >= 1 and --workers >= 0, got 256 and -1"),
+    (["--pretrained", "none", "--device", "gpu"], USAGE,
+     "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
+    pytest.param(["--pretrained", "none", "--device", "cuda"], USAGE,
+                 "--device cuda: no CUDA device here; expected --device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, monkeypatch, flags, message):
+def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, monkeypatch, flags, status,
+                                                  message):
     (files / "folder.json").mkdir(exist_ok=True)
-    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", None)  # fails only after the checks, if ever reached
+    (files / "damaged.safetensors").write_bytes((files / "final.safetensors").read_bytes()[:100])  # cut short
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", None)  # fails after the checks, if ever reached
     flags = [f.format(files=files) for f in flags]
     with pytest.raises(SystemExit) as e:
         ev.main(common(files, tmp_path) + flags)
-    line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
-    assert e.value.code != 0 and line.startswith("evaluate.py: error: ") and "\n" not in line, line
+    line = str(e.value) if isinstance(e.value, cli.Exit) else capsys.readouterr().err.strip()
+    assert e.value.code == status and line.startswith("evaluate.py: error: ") and "\n" not in line, line
     assert message.format(files=files) in line, line
     assert not (tmp_path / "out.json").exists()
 
 
-def test_an_unwritable_output_folder_is_one_line_before_any_work(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", None)  # fails only after the checks, if ever reached
+def test_an_unwritable_output_folder_is_one_line_before_any_work(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", None)  # fails after the checks, if ever reached
     monkeypatch.setattr(ev.os, "access", lambda path, mode: False)  # a read-only folder, even for root
     with pytest.raises(SystemExit) as e:
         ev.main(common(files, tmp_path) + ["--pretrained", "none"])
-    assert e.value.code == f"evaluate.py: error: --output {tmp_path / 'out.json'}: cannot write in {tmp_path} " \
-                           f"(permission denied); expected a writable folder"
+    assert str(e.value) == f"evaluate.py: error: --output {tmp_path / 'out.json'}: cannot write in " \
+                           f"{tmp_path} (permission denied); expected a writable folder"
+    assert e.value.code == cli.USAGE and not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_an_unreadable_image_is_one_line_naming_it(files, tmp_path, workers):
+def test_an_unreadable_image_is_one_line_naming_it_and_exit_1(files, tmp_path, workers):
     val = tmp_path / "val"
     shutil.copytree(files / "val", val)
     (val / "dog" / "broken.jpg").write_text("not an image")  # a text file named .jpg
     flags = common(files, tmp_path) + ["--pretrained", "none", "--data-dir", str(val), "--workers", workers]
     with pytest.raises(SystemExit) as e:
         ev.main(flags)
-    line = str(e.value.code)
+    line = str(e.value)
     assert line.startswith(f"evaluate.py: error: val: image {val / 'dog' / 'broken.jpg'} cannot be read "
                            f"(UnidentifiedImageError: ") and "\n" not in line, line
     assert line.endswith("expected readable images: replace or remove it"), line
-    assert not (tmp_path / "out.json").exists()
+    assert e.value.code == cli.FAILURE and not (tmp_path / "out.json").exists()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cli
 import merge_checkpoints
 import model_stock
 
@@ -154,7 +155,7 @@ def test_a_folder_replacement_interrupted_between_its_renames_keeps_the_old_fold
         replace(src, dst)
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(SystemExit):
-        merge_checkpoints.main(paths + ["-o", str(out), "--force"])
+        cli.run(merge_checkpoints.main, merge_checkpoints.INTERRUPTED, paths + ["-o", str(out), "--force"])
     monkeypatch.setattr(os, "replace", replace)
     after = merge_checkpoints.load_state_dict(out)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
@@ -194,8 +195,9 @@ def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_output(models, tmp_path
             raise KeyboardInterrupt
         return merge_tensor(*args)
     monkeypatch.setattr(model_stock, "merge_tensor", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        merge_checkpoints.main(paths + ["-o", str(tmp_path / "merged"), "--max-shard-size", "2KB"])
+    with pytest.raises(SystemExit) as exit_info:  # as the command line runs it
+        cli.run(merge_checkpoints.main, merge_checkpoints.INTERRUPTED,
+                paths + ["-o", str(tmp_path / "merged"), "--max-shard-size", "2KB"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "merge_checkpoints.py: interrupted; nothing was written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3.safetensors"]

@@ -578,6 +578,9 @@ def _overlaps(model, target):
     return any(_inside(f, target) for f in read) or (os.path.isdir(real) and _inside(target, real))
 
 
+INTERRUPTED = "merge_checkpoints.py: interrupted; nothing was written"  # Ctrl-C: the temporary output is removed
+
+
 def fail(message, status=cli.FAILURE):
     cli.fail("merge_checkpoints.py", message, status)
 
@@ -692,4 +695,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":  # Ctrl-C: the temporary output is removed, the output left as it was
-    cli.run(main, "merge_checkpoints.py: interrupted; nothing was written")
+    cli.run(main, INTERRUPTED)

@@ -101,11 +101,13 @@ def check_readable(images, unreadable, args, log):
     row of MAX_UNREADABLE_IN_A_ROW) stops the run in any case."""
     for path, reason in unreadable:
         if not args.skip_bad_images:
-            fail(f"training image {path} cannot be read ({reason}); replace it and continue with --resume, "
+            fail(f"training image {path} cannot be read ({reason}); "
+                 f"replace it and continue with --resume, "
                  f"or add --skip-bad-images to train past unreadable images")
         log(path, reason)
     if images is None:
-        fail(f"{MAX_UNREADABLE_IN_A_ROW} training images in a row cannot be read (the first: {unreadable[0][0]}); "
+        fail(f"{MAX_UNREADABLE_IN_A_ROW} training images in a row cannot be read "
+             f"(the first: {unreadable[0][0]}); "
              f"expected readable images in --train-dir")
 
 
@@ -115,7 +117,8 @@ def epoch_batches(n_images, model_seed, epoch, args, steps, rank=0, world=1, sta
     Global batch k is images perm[k*B:(k+1)*B]; rank r takes every world-th of them, cut into
     accum-steps micro-batches. Samples and their seeds do not depend on world or accum.
     """
-    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed_of(model_seed, epoch))).tolist()
+    perm = torch.randperm(
+        n_images, generator=torch.Generator().manual_seed(seed_of(model_seed, epoch))).tolist()
     micro = []
     for k in range(start, steps):
         positions = range(k * args.batch_size + rank, (k + 1) * args.batch_size, world)
@@ -131,7 +134,8 @@ class EpochBatches:
     once per run, not once per epoch."""
 
     def __init__(self, n_images, model_seed, args, steps, rank=0, world=1):
-        self.n_images, self.model_seed, self.args, self.steps, self.rank, self.world = n_images, model_seed, args, steps, rank, world
+        self.n_images, self.model_seed, self.args, self.steps, self.rank, self.world = (
+            n_images, model_seed, args, steps, rank, world)
         self.epoch = self.start = 0
 
     def __iter__(self):
@@ -143,10 +147,12 @@ class EpochBatches:
 
 
 def train_transform(classifier, args):
-    """Random-resized crop (+ horizontal flip, + RandAugment), normalised like the pre-trained model's input."""
+    """Random-resized crop (+ horizontal flip, + RandAugment), normalised like the pre-trained
+    model's input."""
     cfg = classifier.model.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    steps = [T.RandomResizedCrop(size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC)]
+    steps = [T.RandomResizedCrop(size, scale=tuple(args.crop_scale),
+                                 interpolation=T.InterpolationMode.BICUBIC)]
     if args.flip > 0:  # timm's order: crop, flip, RandAugment
         steps.append(T.RandomHorizontalFlip(args.flip))
     if args.randaug:
@@ -156,8 +162,8 @@ def train_transform(classifier, args):
             steps.append(rand_augment_transform(args.randaug, {"translate_const": int(size * 0.45),
                                                                "img_mean": mean}))
         except AssertionError:  # timm's word for a config it cannot parse
-            fail(f"--randaug {args.randaug!r} is not a timm RandAugment config; expected e.g. rand-m10-n2, "
-                 f"or none", cli.USAGE)
+            fail(f"--randaug {args.randaug!r} is not a timm RandAugment config; "
+                 f"expected e.g. rand-m10-n2, or none", cli.USAGE)
     steps += [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]  # the loader already gives RGB
     return T.Compose(steps)
 
@@ -173,10 +179,11 @@ def training_set(train_dir):
     except ValueError as e:  # its message starts with the folder
         fail(f"--train-dir {e}", cli.USAGE)
     except OSError as e:
-        fail(f"--train-dir {root}: {e.strerror}; expected a readable folder of class folders", cli.USAGE)
+        fail(f"--train-dir {root}: {e.strerror}; expected a readable folder of class folders",
+             cli.USAGE)
     if len(folders) < 2:
-        fail(f"--train-dir {root} has one class folder ({folders[0]}); expected one folder of images per class, "
-             f"at least 2 classes", cli.USAGE)
+        fail(f"--train-dir {root} has one class folder ({folders[0]}); "
+             f"expected one folder of images per class, at least 2 classes", cli.USAGE)
     if folders == evaluate.timm_list("imagenet_synsets"):
         names = list(open_clip.IMAGENET_CLASSNAMES)
     return folder, names
@@ -185,9 +192,11 @@ def training_set(train_dir):
 def fingerprint(folder):
     """Images, classes and a hash of every (relative path, label): a resumed run must see the
     same training set, or its data order and labels would silently change."""
-    start = len(str(folder.root)) + 1  # samples are root/class/file: the relative path, without os.path's cost
+    # samples are root/class/file: the relative path, without os.path's cost
+    start = len(str(folder.root)) + 1
     files = "\n".join(f"{path[start:]}:{label}" for path, label in folder.samples)
-    return {"images": len(folder), "classes": len(folder.classes), "sha1": hashlib.sha1(files.encode()).hexdigest()}
+    return {"images": len(folder), "classes": len(folder.classes),
+            "sha1": hashlib.sha1(files.encode()).hexdigest()}
 
 
 def next_micro_batches(batches, args, device, skipped):
@@ -198,8 +207,10 @@ def next_micro_batches(batches, args, device, skipped):
         micro.append([])
         for _ in range(args.accum_steps):
             images, labels, unreadable = next(batch)
-            check_readable(images, unreadable, args, lambda path, reason: skipped.append((i, path, reason)))
-            micro[i].append((images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+            check_readable(images, unreadable, args,
+                           lambda path, reason: skipped.append((i, path, reason)))
+            micro[i].append((images.to(device, non_blocking=True),
+                             labels.to(device, non_blocking=True)))
     return micro
 
 
@@ -208,11 +219,11 @@ def steps_per_epoch(n_images, args, world=1):
     """Optimizer steps in an epoch (the last partial batch is dropped), after checking that
     the training set and --batch-size allow the processes, accumulation and mixup asked for."""
     if n_images < args.batch_size:
-        fail(f"--train-dir {args.train_dir} has {n_images} images, fewer than one batch of {args.batch_size}",
-             cli.USAGE)
+        fail(f"--train-dir {args.train_dir} has {n_images} images, "
+             f"fewer than one batch of {args.batch_size}", cli.USAGE)
     if args.batch_size % (world * args.accum_steps):
-        fail(f"--batch-size {args.batch_size} is not divisible by {world} processes x {args.accum_steps} "
-             f"accumulation steps", cli.USAGE)
+        fail(f"--batch-size {args.batch_size} is not divisible by "
+             f"{world} processes x {args.accum_steps} accumulation steps", cli.USAGE)
     micro_size = args.batch_size // (world * args.accum_steps)
     if args.mixup > 0 and micro_size % 2:
         fail(f"mixup pairs images within a micro-batch; {micro_size} per process is odd", cli.USAGE)
@@ -223,7 +234,8 @@ def loaders(folder, transform, args, steps, rank=0, world=1, pin_memory=False):
     """One DataLoader per model over the same images, each with its own EpochBatches sampler
     (its seed, its order); set a sampler's epoch and start step before iterating its loader."""
     dataset = SeededImages(folder, transform)
-    samplers = [EpochBatches(len(folder), args.seed + i, args, steps, rank, world) for i in range(args.num_models)]
+    samplers = [EpochBatches(len(folder), args.seed + i, args, steps, rank, world)
+                for i in range(args.num_models)]
     loaders = [torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                            collate_fn=collate, persistent_workers=args.workers > 0,
                                            pin_memory=pin_memory)
@@ -244,17 +256,19 @@ def eval_sets(args, preprocess, classnames):
     except ValueError as error:  # its message starts with the folder
         fail(f"{'--eval-dir' if args.eval_dir else '--data-location'} {error}", cli.USAGE)
     if not sets:
-        fail(f"--eval-every-epoch: no evaluation set found under --data-location {args.data_location}; "
-             f"expected --eval-dir with a validation folder of the training classes, or the datasets of "
-             f"docs/datasets.md", cli.USAGE)
+        fail(f"--eval-every-epoch: no evaluation set found under "
+             f"--data-location {args.data_location}; "
+             f"expected --eval-dir with a validation folder of the training classes, "
+             f"or the datasets of docs/datasets.md", cli.USAGE)
     if args.eval_dir and evaluate.folder_classnames(args.eval_dir) != classnames:
         names = evaluate.folder_classnames(args.eval_dir)
-        other = next((a for a, b in zip(names, classnames) if a != b), names[len(classnames):][:1] or "")
-        fail(f"--eval-dir {args.eval_dir} has {len(names)} class folders, --train-dir {len(classnames)}, "
-             f"not the same (first difference: {other!r}); expected the training classes' validation folder",
-             cli.USAGE)
+        other = next((a for a, b in zip(names, classnames) if a != b),
+                     names[len(classnames):][:1] or "")
+        fail(f"--eval-dir {args.eval_dir} has {len(names)} class folders, "
+             f"--train-dir {len(classnames)}, not the same (first difference: {other!r}); "
+             f"expected the training classes' validation folder", cli.USAGE)
     if not args.eval_dir and classnames != list(open_clip.IMAGENET_CLASSNAMES):
-        fail(f"--eval-every-epoch scores ImageNet's 1000 classes under --data-location, but --train-dir "
-             f"has {len(classnames)} other classes; expected --eval-dir with a validation folder of them",
-             cli.USAGE)
+        fail(f"--eval-every-epoch scores ImageNet's 1000 classes under --data-location, "
+             f"but --train-dir has {len(classnames)} other classes; "
+             f"expected --eval-dir with a validation folder of them", cli.USAGE)
     return sets

@@ -30,7 +30,8 @@ def probe_features(classifier, folder, preprocess, args, device, bf16=False):
     files = "\n".join(f"{path}:{label}" for path, label in folder.samples)
     precision = "bf16" if bf16 else "fp32"
     key = f"{args.model}|{evaluate.weights_key(args.pretrained)}|{precision}|fp32 cache|{files}"
-    cache = Path(args.cache_dir).expanduser() / f"lp_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+    cache = (Path(args.cache_dir).expanduser()
+             / f"lp_features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors")
     saved = evaluate.read_cache(cache, "the linear-probe features")
     if saved is not None:
         return saved["features"], saved["labels"]
@@ -39,14 +40,17 @@ def probe_features(classifier, folder, preprocess, args, device, bf16=False):
                                          sampler=[(i, 0) for i in range(len(folder))])
     feats, labels = [], []
     for images, y, unreadable in tqdm(loader, desc="linear probe: features"):
-        data.check_readable(images, unreadable, args,
-                            lambda path, reason: tqdm.write(f"linear probe: skipped {path} ({reason})"))
+        data.check_readable(
+            images, unreadable, args,
+            lambda path, reason: tqdm.write(f"linear probe: skipped {path} ({reason})"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            feats.append(F.normalize(classifier.model.visual(images.to(device)).float(), dim=-1).cpu())
+            feats.append(F.normalize(classifier.model.visual(images.to(device)).float(),
+                                     dim=-1).cpu())
         labels.append(y)
     features, labels = torch.cat(feats), torch.cat(labels)
     if args.pretrained:  # random weights (tests) are not worth caching
-        evaluate.write_cache({"features": features, "labels": labels}, cache, "the linear-probe features")
+        evaluate.write_cache({"features": features, "labels": labels}, cache,
+                             "the linear-probe features")
     return features, labels
 
 
@@ -69,7 +73,8 @@ def _fit_head(w, b, x, y, l2, iterations, chunk=2**16):
         loss.backward()
         total = loss.detach()
         for i in range(0, len(y), chunk):
-            part = F.cross_entropy(x[i:i + chunk] @ w.T + b, y[i:i + chunk], reduction="sum") / len(y)
+            part = F.cross_entropy(x[i:i + chunk] @ w.T + b, y[i:i + chunk],
+                                   reduction="sum") / len(y)
             part.backward()
             total += part.detach()
         return total
@@ -89,7 +94,8 @@ def _head_scores(w, b, x, y, chunk=2**16):
 
 
 def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0.1, iterations=200):
-    """Fits the head (W, b) on frozen features, starting from the zero-shot head, and returns a report.
+    """Fits the head (W, b) on frozen features, starting from the zero-shot head, and
+    returns a report.
 
     The penalty l2 is chosen on a held-out `holdout` fraction of the features (a fixed split:
     w0 must not depend on --seed): the best held-out accuracy wins, then the lower held-out loss.
@@ -105,7 +111,8 @@ def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0
         raise ValueError(f"the linear probe needs 2 images or more to hold one out, got {len(y)}")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(device)
     n_held = min(len(y) - 1, max(1, round(holdout * len(y))))
-    (x_held, y_held), (x_fit, y_fit) = [(x[part], y[part]) for part in (order[:n_held], order[n_held:])]
+    (x_held, y_held), (x_fit, y_fit) = [(x[part], y[part])
+                                        for part in (order[:n_held], order[n_held:])]
     zero_shot_accuracy, _ = _head_scores(w0, b0, x_held, y_held)
     trials = []
     for l2 in grid:
@@ -118,8 +125,10 @@ def fit_linear_probe(classifier, features, labels, grid=PROBE_L2_GRID, holdout=0
         head.weight.copy_(w)
         head.bias.copy_(b)
     return {"l2": best["l2"], "heldout_images": n_held, "trials": trials,
-            "zero_shot": {"heldout_accuracy": zero_shot_accuracy, "row_norm": w0.norm(dim=1).mean().item()},
-            "probe": {"heldout_accuracy": best["heldout_accuracy"], "train_accuracy": _head_scores(w, b, x, y)[0],
+            "zero_shot": {"heldout_accuracy": zero_shot_accuracy,
+                          "row_norm": w0.norm(dim=1).mean().item()},
+            "probe": {"heldout_accuracy": best["heldout_accuracy"],
+                      "train_accuracy": _head_scores(w, b, x, y)[0],
                       "row_norm": w.norm(dim=1).mean().item()}}
 
 
@@ -129,11 +138,14 @@ def init_head(classifier, folder, preprocess, args, device):
     prints the choice in one line and returns fit_linear_probe's report."""
     try:
         bf16 = device.type == "cuda" and not args.fp32
-        report = fit_linear_probe(classifier, *probe_features(classifier, folder, preprocess, args, device, bf16))
+        report = fit_linear_probe(
+            classifier, *probe_features(classifier, folder, preprocess, args, device, bf16))
     except ValueError as e:
         cli.fail("train.py", f"--init lp: {e}")
     zs, lp = report["zero_shot"], report["probe"]
-    print(f"linear probe: l2 {report['l2']:g} chosen on {report['heldout_images']} held-out images; "
-          f"held-out accuracy {lp['heldout_accuracy']:.2f}% (zero-shot head {zs['heldout_accuracy']:.2f}%), "
+    print(f"linear probe: l2 {report['l2']:g} chosen on "
+          f"{report['heldout_images']} held-out images; "
+          f"held-out accuracy {lp['heldout_accuracy']:.2f}% "
+          f"(zero-shot head {zs['heldout_accuracy']:.2f}%), "
           f"mean row norm {lp['row_norm']:.1f} (zero-shot head {zs['row_norm']:.1f})")
     return report

@@ -24,7 +24,6 @@ What it guarantees:
 import functools
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -51,7 +50,8 @@ def unwrap(model):
 
 def all_finite(models):
     """True if every weight of every model is finite (one host sync)."""
-    return bool(torch.stack([torch.isfinite(p).all() for m in models for p in m.parameters()]).all())
+    return bool(torch.stack([torch.isfinite(p).all()
+                             for m in models for p in m.parameters()]).all())
 
 
 class RunFolder:
@@ -62,7 +62,8 @@ class RunFolder:
         plan = [plan_output(args, self.out) if rank == 0 else None]
         if world > 1:
             dist.broadcast_object_list(plan)  # every rank resumes, or none
-        self.resume, self.has_checkpoint, self.saved = plan[0]["resume"], plan[0]["checkpoint"], plan[0]["saved"]
+        self.resume, self.has_checkpoint, self.saved = (
+            plan[0]["resume"], plan[0]["checkpoint"], plan[0]["saved"])
         self.barrier = dist.barrier if world > 1 else (lambda: None)
         self.log_lines = []  # a resumed run's log, up to its checkpoint
         self.last_good = None  # (checkpoint, its step), once one holds this run
@@ -73,14 +74,15 @@ class RunFolder:
         """A resumed run must see the images it started with."""
         before = (self.saved or {}).get("train_set", train_set) if self.resume else train_set
         if before != train_set:
-            fail(f"--resume with a different training set in {self.args.train_dir} ({before.get('images')} "
-                 f"images in {before.get('classes')} classes in the run, {train_set['images']} in "
-                 f"{train_set['classes']} now, or other files); expected the images the run started with",
-                 cli.USAGE)
+            fail(f"--resume with a different training set in {self.args.train_dir} "
+                 f"({before.get('images')} images in {before.get('classes')} classes in the run, "
+                 f"{train_set['images']} in {train_set['classes']} now, or other files); "
+                 f"expected the images the run started with", cli.USAGE)
 
     def read_checkpoint(self, total_steps):
         """The checkpoint to resume (on the CPU), or None; keeps the log lines it covers."""
-        state = read_run_checkpoint(self.out / "checkpoint.pt", self.args, total_steps) if self.has_checkpoint else None
+        state = (read_run_checkpoint(self.out / "checkpoint.pt", self.args, total_steps)
+                 if self.has_checkpoint else None)
         if self.resume and self.rank == 0:
             self.log_lines = kept_log(self.out / "log.jsonl", state["step"] if state else 0)
         return state
@@ -91,9 +93,11 @@ class RunFolder:
 
     def check_models(self, classifier, state):
         """The checkpoint holds classifiers of this architecture, and the run's own w0 loads."""
-        problem = state and evaluate.state_dict_mismatch(classifier.state_dict(), state["models"][0])
+        problem = state and evaluate.state_dict_mismatch(classifier.state_dict(),
+                                                         state["models"][0])
         if problem:
-            fail(f"{self.out / 'checkpoint.pt'} does not hold classifiers of this run's {self.args.model}: {problem}")
+            fail(f"{self.out / 'checkpoint.pt'} does not hold classifiers of this run's "
+                 f"{self.args.model}: {problem}")
         if self.has_w0():
             try:
                 evaluate.load_checkpoint(classifier, self.out / "w0.safetensors")
@@ -104,7 +108,8 @@ class RunFolder:
 
     def claim(self, train_set):
         """Rank 0, once every check has passed: removes an old run (--overwrite, or a launch
-        that never checkpointed) and stale temporary files, then writes args.json or the kept log."""
+        that never checkpointed) and stale temporary files, then writes args.json or the kept
+        log."""
         out = self.out
         if self.rank != 0:
             return
@@ -117,10 +122,13 @@ class RunFolder:
                 text = "".join(line + "\n" for line in self.log_lines)
                 merge_checkpoints.write_atomically(out / "log.jsonl", lambda f: f.write_text(text))
             else:
-                record = {**vars(self.args), "train_set": train_set, "code_version": evaluate.code_version()}
-                merge_checkpoints.write_atomically(out / "args.json", lambda f: f.write_text(json.dumps(record, indent=2)))
+                record = {**vars(self.args), "train_set": train_set,
+                          "code_version": evaluate.code_version()}
+                merge_checkpoints.write_atomically(
+                    out / "args.json", lambda f: f.write_text(json.dumps(record, indent=2)))
         except OSError as error:
-            fail(f"--output-dir {out}: cannot write there ({error.strerror}); expected a writable folder")
+            fail(f"--output-dir {out}: cannot write there ({error.strerror}); "
+                 f"expected a writable folder")
 
     def log(self, record):
         """Appends one record to log.jsonl (rank 0)."""
@@ -132,7 +140,8 @@ class RunFolder:
         """--skip-bad-images: each unreadable image, where it was replaced."""
         for i, path, reason in skipped:
             tqdm.write(f"model {i}, step {step}: skipped unreadable {path} ({reason})")
-            self.log({"event": "unreadable_image", "step": step, "model": i, "file": path, "error": reason})
+            self.log({"event": "unreadable_image", "step": step, "model": i, "file": path,
+                      "error": reason})
 
     def save_w0(self, classifier):
         merge_checkpoints.save_state_dict(classifier.state_dict(), self.out / "w0.safetensors")
@@ -145,12 +154,14 @@ class RunFolder:
         return {k: v.detach().clone() for k, v in classifier.state_dict().items()}
 
     def restore(self, state, models, optimizers, total_steps):
-        """Loads a checkpoint into the models and optimizers; returns (step, this epoch's losses)."""
+        """Loads a checkpoint into the models and optimizers; returns (step, this epoch's
+        losses)."""
         if state is None:
             if self.resume:
                 print(f"resumed {self.out} at step 0 (it had no checkpoint yet), with its w0")
             return 0, []
-        for model, opt, model_state, opt_state in zip(models, optimizers, state["models"], state["optimizers"]):
+        for model, opt, model_state, opt_state in zip(models, optimizers, state["models"],
+                                                      state["optimizers"]):
             unwrap(model).load_state_dict(model_state)
             opt.load_state_dict(opt_state)  # moves the moments to the parameters' device
         self.last_good = (self.out / "checkpoint.pt", state["step"])
@@ -162,7 +173,8 @@ class RunFolder:
         if self.last_good is None:
             return "no checkpoint had been saved yet"
         path, step = self.last_good
-        return f"nothing after step {step} was saved: the last good checkpoint is {path} (after step {step})"
+        return (f"nothing after step {step} was saved: "
+                f"the last good checkpoint is {path} (after step {step})")
 
     def save(self, step, models, optimizers, epoch_losses):
         """Checkpoints every model and optimizer at `step`, never over a good checkpoint with
@@ -170,9 +182,11 @@ class RunFolder:
         if not all_finite([unwrap(m) for m in models]):
             fail(f"a model holds NaN or inf weights after step {step}; {self.stopped()}")
         if self.rank == 0:
-            record = {"step": step, "epoch_losses": epoch_losses, "models": [unwrap(m).state_dict() for m in models],
+            record = {"step": step, "epoch_losses": epoch_losses,
+                      "models": [unwrap(m).state_dict() for m in models],
                       "optimizers": [o.state_dict() for o in optimizers]}
-            merge_checkpoints.write_atomically(self.out / "checkpoint.pt", lambda f: torch.save(record, f))
+            merge_checkpoints.write_atomically(self.out / "checkpoint.pt",
+                                               lambda f: torch.save(record, f))
         self.barrier()
         self.last_good = (self.out / "checkpoint.pt", step)
 
@@ -182,7 +196,8 @@ class RunFolder:
             return
         out = self.out
         if merged:
-            merge_checkpoints.save_state_dict(unwrap(models[0]).state_dict(), out / "final.safetensors")
+            merge_checkpoints.save_state_dict(unwrap(models[0]).state_dict(),
+                                              out / "final.safetensors")
             print(f"wrote {out / 'final.safetensors'} (Model Stock, N = {len(models)})")
             return
         names = [out / f"model_{i}.safetensors" for i in range(len(models))]
@@ -190,8 +205,10 @@ class RunFolder:
             merge_checkpoints.save_state_dict(unwrap(model).state_dict(), name)
         print(f"wrote {', '.join(map(str, names))}")
         if len(names) > 1:
-            print(f"merge them: python {Path(merge_checkpoints.__file__).resolve()} {(out / 'w0.safetensors').resolve()} "
-                  f"{' '.join(str(n.resolve()) for n in names)} -o {(out / 'merged.safetensors').resolve()}")
+            print(f"merge them: python {Path(merge_checkpoints.__file__).resolve()} "
+                  f"{(out / 'w0.safetensors').resolve()} "
+                  f"{' '.join(str(n.resolve()) for n in names)} "
+                  f"-o {(out / 'merged.safetensors').resolve()}")
 
 
 # ---- What a folder holds, and how a run starts ----
@@ -201,22 +218,28 @@ def check_args(args, error):
     built or written; `error(message)` ends the command (argparse's error: exit 2)."""
     minimum = {"--batch-size": (args.batch_size, 1), "--accum-steps": (args.accum_steps, 1),
                "--epochs": (args.epochs, 1), "--num-models": (args.num_models, 1),
-               "--workers": (args.workers, 0), "--warmup": (args.warmup, 0), "--save-every": (args.save_every, 0)}
+               "--workers": (args.workers, 0), "--warmup": (args.warmup, 0),
+               "--save-every": (args.save_every, 0)}
     for flag, (value, low) in minimum.items():
         if value < low:
             error(f"{flag} must be >= {low}, got {value}")
-    if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.wd) and args.wd >= 0):
+    if (not (math.isfinite(args.lr) and args.lr > 0)
+            or not (math.isfinite(args.wd) and args.wd >= 0)):
         error(f"--lr must be > 0 and --wd >= 0 (finite), got {args.lr} and {args.wd}")
     if not (math.isfinite(args.mixup) and args.mixup >= 0):
         error(f"--mixup must be >= 0 (0 = off), got {args.mixup}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        error(f"--crop-scale expects 0 < min <= max <= 1, got {args.crop_scale[0]} {args.crop_scale[1]}")
+        error(f"--crop-scale expects 0 < min <= max <= 1, "
+              f"got {args.crop_scale[0]} {args.crop_scale[1]}")
     if not 0 <= args.flip <= 1:
         error(f"--flip is a probability between 0 and 1, got {args.flip}")
-    if args.merge_every not in ("epoch", "never") and not (args.merge_every.isdigit() and int(args.merge_every) > 0):
-        error(f"--merge-every must be 'epoch', 'never' or a positive number of steps, got {args.merge_every!r}")
+    if (args.merge_every not in ("epoch", "never")
+            and not (args.merge_every.isdigit() and int(args.merge_every) > 0)):
+        error(f"--merge-every must be 'epoch', 'never' or a positive number of steps, "
+              f"got {args.merge_every!r}")
     if args.num_models == 1 and args.merge_every != "never":
-        error("--num-models must be >= 2 to merge; vanilla fine-tuning is --num-models 1 --merge-every never")
+        error("--num-models must be >= 2 to merge; "
+              "vanilla fine-tuning is --num-models 1 --merge-every never")
     try:  # model names, config files and weights fail here, before anything is built or written
         args.model = evaluate.resolve_model(args.model)
         args.pretrained = evaluate.resolve_weights(args.model, args.pretrained)
@@ -227,18 +250,21 @@ def check_args(args, error):
 
 
 def is_result(name):
-    return name in ("final.safetensors", "merged.safetensors") or re.fullmatch(r"model_\d+\.safetensors", name)
+    return (name in ("final.safetensors", "merged.safetensors")
+            or re.fullmatch(r"model_\d+\.safetensors", name))
 
 
 def is_temporary(name):
     """A temporary file left behind when killed mid-write (.checkpoint.pt.<pid>_<random>.tmp
     from merge_checkpoints' writers; checkpoint.pt.<pid>.tmp or checkpoint.pt.tmp from
     earlier versions)."""
-    return re.fullmatch(r"\.?(args\.json|log\.jsonl|checkpoint\.pt|\w+\.safetensors)(\.\w+)?\.tmp", name)
+    return re.fullmatch(r"\.?(args\.json|log\.jsonl|checkpoint\.pt|\w+\.safetensors)(\.\w+)?\.tmp",
+                        name)
 
 
 def is_run_file(name):
-    return name in ("args.json", "w0.safetensors", "log.jsonl", "checkpoint.pt") or is_result(name) or is_temporary(name)
+    return (name in ("args.json", "w0.safetensors", "log.jsonl", "checkpoint.pt")
+            or is_result(name) or is_temporary(name))
 
 
 def plan_output(args, out):
@@ -254,8 +280,8 @@ def plan_output(args, out):
     existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
     reason = merge_checkpoints.cannot_write_in(existing)
     if reason:
-        fail(f"--output-dir {out}: cannot write in {existing} ({reason}); expected a writable folder",
-             cli.USAGE)
+        fail(f"--output-dir {out}: cannot write in {existing} ({reason}); "
+             f"expected a writable folder", cli.USAGE)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     foreign = [n for n in names if not is_run_file(n)]
     if foreign and not args.overwrite:
@@ -272,18 +298,20 @@ def plan_output(args, out):
              f"pass --overwrite to replace it", cli.USAGE)
     if "args.json" not in names:
         if checkpoint:
-            fail(f"{out} has checkpoint.pt but no args.json, so --resume cannot check that it continues the "
-                 f"same run; restore args.json, or pass --overwrite to start afresh")
+            fail(f"{out} has checkpoint.pt but no args.json, "
+                 f"so --resume cannot check that it continues the same run; "
+                 f"restore args.json, or pass --overwrite to start afresh")
         print(f"{out} holds no run yet: starting from step 0")
         return fresh
     try:
         saved = json.loads((out / "args.json").read_text())
     except (OSError, ValueError):
-        fail(f"{out / 'args.json'} cannot be read as JSON; restore it, or pass --overwrite to start afresh")
+        fail(f"{out / 'args.json'} cannot be read as JSON; "
+             f"restore it, or pass --overwrite to start afresh")
     for key, value in vars(args).items():
         if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != json.loads(json.dumps(value)):
-            fail(f"--resume with different --{key.replace('_', '-')} ({saved.get(key)!r} in the run, {value!r} now)",
-                 cli.USAGE)
+            fail(f"--resume with different --{key.replace('_', '-')} "
+                 f"({saved.get(key)!r} in the run, {value!r} now)", cli.USAGE)
     return {"resume": True, "checkpoint": checkpoint, "saved": saved}
 
 
@@ -293,19 +321,25 @@ def read_run_checkpoint(path, args, total_steps):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip archive, a file of another kind
-        fail(f"{path} is truncated or damaged ({evaluate.first_sentence(error)}); delete it to resume from step 0, "
-             f"or pass --overwrite to start afresh")
-    if not isinstance(state, dict) or not {"step", "epoch_losses", "models", "optimizers"} <= state.keys():
-        fail(f"{path} is not a train.py checkpoint; expected step, epoch_losses, models and optimizers")
-    if len(state["models"]) != args.num_models or len(state["optimizers"]) != args.num_models:
-        fail(f"{path} holds {len(state['models'])} models, this run {args.num_models}: it belongs to another run")
+        fail(f"{path} is truncated or damaged ({evaluate.first_sentence(error)}); "
+             f"delete it to resume from step 0, or pass --overwrite to start afresh")
+    if (not isinstance(state, dict)
+            or not {"step", "epoch_losses", "models", "optimizers"} <= state.keys()):
+        fail(f"{path} is not a train.py checkpoint; "
+             f"expected step, epoch_losses, models and optimizers")
+    if (len(state["models"]) != args.num_models
+            or len(state["optimizers"]) != args.num_models):
+        fail(f"{path} holds {len(state['models'])} models, this run {args.num_models}: "
+             f"it belongs to another run")
     if not 0 <= state["step"] <= total_steps:
-        fail(f"{path} is at step {state['step']}, beyond this run's {total_steps} steps: it belongs to another run")
+        fail(f"{path} is at step {state['step']}, beyond this run's {total_steps} steps: "
+             f"it belongs to another run")
     return state
 
 
 def kept_log(path, step):
-    """The lines of log.jsonl up to `step`, the checkpoint's; a last line torn by a kill is dropped."""
+    """The lines of log.jsonl up to `step`, the checkpoint's; a last line torn by a kill is
+    dropped."""
     lines = path.read_text().splitlines() if path.exists() else []
     kept = []
     for number, line in enumerate(lines, 1):
@@ -320,7 +354,8 @@ def kept_log(path, step):
             torn = re.search(r'"step": (\d+)', line)
             lost = torn and int(torn.group(1)) <= step
             print(f"{path}: its last line was cut short by a kill and is dropped"
-                  + (f"; its record (step {torn.group(1)}) is lost, the checkpoint being after it" if lost else ""))
+                  + (f"; its record (step {torn.group(1)}) is lost, "
+                     f"the checkpoint being after it" if lost else ""))
             break
         if record.get("step", 0) <= step:
             kept.append(line)

@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(train_dir, tmp_path, capsys, f
 
 
 def test_an_unwritable_output_folder_is_one_line(train_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, even for root
     line = error_of(lambda: run(train_dir, tmp_path / "run"), capsys)
     assert line == f"train.py: error: --output-dir {tmp_path / 'run'}: cannot write in {tmp_path} (permission denied); " \
                    f"expected a writable folder"

@@ -4,8 +4,10 @@ A tiny open_clip CLIP (a LayerNorm ConvNeXt image tower, like CLIP's LayerNorm-o
 is pre-trained contrastively on captioned shapes, mostly photos, then fine-tuned on photos
 with train.py's own loop and scored on five domains with evaluate.py's code: zero-shot,
 vanilla fine-tuning, a uniform average, Model Stock after and during training, and WiSE-FT,
-as the rows of the paper's Table 2. It reports how much the setting behaves like CLIP on
-ImageNet (the regime check, which never looks at a merge row) and the rows, whatever they show.
+as the rows of the paper's Table 2, with the uniform average moved to Model Stock's mean t.
+It reports how far the setting resembles CLIP on ImageNet (the regime check, which never
+looks at a merge row), the rows whatever they show, and derivation.md §11's prediction of
+post-training Model Stock against the uniform average.
 
     python demo.py --quick                             # the mechanics in about a minute
     python demo.py --seed 1 --output demo_seed1.json   # pre-trains once (cached), fine-tunes, scores
@@ -359,8 +361,15 @@ def shell(w0, fts, parameter_keys):
             cos = model_stock.cosine(v0, [f[key] for f in fts])
             groups.setdefault(train.group_of(key, v0), []).append((cos, model_stock.ratio(cos, 2)))
     d2 = {key: sum((f[key] - v0).double().pow(2).sum().item() for f in fts) for key, v0 in w0.items() if v0.is_floating_point()}
+    w2 = {}  # |w0|^2 per group: how far fine-tuning moves each group is |d| / |w0|
+    for key, v0 in w0.items():
+        if v0.is_floating_point():
+            w2[train.group_of(key, v0)] = w2.get(train.group_of(key, v0), 0.0) + v0.double().pow(2).sum().item()
+    moved = {g: math.sqrt(sum(v for k, v in d2.items() if train.group_of(k, w0[k]) == g) / len(fts) / w2[g])
+             for g in groups}
     return {"cos": {g: float(np.mean([c for c, _ in v])) for g, v in groups.items()},
             "t_pair": {g: float(np.mean([t for _, t in v])) for g, v in groups.items()},
+            "moved": moved,
             "buffer_share": sum(v for k, v in d2.items() if k not in parameter_keys) / sum(d2.values()),
             "buffers": sorted(k for k in d2 if k not in parameter_keys),
             "angle_std_deg": {g: float(np.mean([o["angle_std"] for o in obs.values() if o["group"] == g])) for g in groups},
@@ -371,11 +380,14 @@ def shell(w0, fts, parameter_keys):
 
 # ---- 5. The regime check: is the setting CLIP-on-ImageNet-like? (never a merge row) ----
 
-def regime(zs, ft, plateau_gain, wise_id, geometry, merges, test_images):
-    """Each target: its value, the rule it must meet, the paper's figure where there is one."""
+def regime(zs, ft, fine_tuning, wise_id, geometry, merges, test_images):
+    """Each target: its value, the rule it must meet, CLIP's figure where there is one.
+    `fine_tuning` holds vanilla FT's held-out ID by epoch, the zero-shot model's on the same
+    photos, and the budget (sum of lr over fine-tuning steps / over pre-training steps)."""
     shifts = list(DOMAINS.values())[1:]
     hardest = min(shifts, key=zs.get)
-    best = max((a for a in wise_id if a < 1), key=wise_id.get)
+    by_epoch = fine_tuning["id_by_epoch"]
+    wise = wise_id
     rows = [
         ("1. share of |d|^2 in running statistics", geometry["buffer_share"], "==", 0, "0 (ViT: LayerNorm only)"),
         ("2. zero-shot: worst domain / chance", min(zs[d] for d in DOMAINS.values()) / (100 / len(SHAPES)), ">=", 2, ""),
@@ -385,9 +397,14 @@ def regime(zs, ft, plateau_gain, wise_id, geometry, merges, test_images):
         ("3. vanilla FT: ID gain over zero-shot", ft["ImageNet"] - zs["ImageNet"], ">=", 10, "+15.0"),
         ("3. vanilla FT: Avg. shifts change / zero-shot", ft["Avg. shifts"] / zs["Avg. shifts"] - 1, ">=", -0.10, "-0.03"),
         ("3. vanilla FT: V2 gain over zero-shot", ft["ImageNet-V2"] - zs["ImageNet-V2"], ">", 0, "+10.9 (B/16)"),
-        ("3. vanilla FT: ID gain in the last epoch", plateau_gain, "<", 0.5, ""),
-        ("3. WiSE-FT line: best ID at alpha < 1 minus alpha 1", wise_id[best] - wise_id[1.0], ">", 0,
-         "> 0 (Fig. 3)"),
+        ("3. vanilla FT: ID gain in the last epoch", by_epoch[-1] - by_epoch[-2], "<", 0.5, ""),
+        ("3. no early forgetting: worst epoch minus zero-shot", min(by_epoch) - fine_tuning["zero_shot_heldout"],
+         ">=", 0, "no dip"),
+        ("3. WiSE-FT line: ID(0.5) - ID(1)", wise[0.5] - wise[1.0], ">=", -1, "+0.5"),
+        ("3. WiSE-FT line: ID(0.7) - max(ID(0.9), ID(1))", wise[0.7] - max(wise[0.9], wise[1.0]), ">=", 0, "+1.3"),
+        ("3. WiSE-FT line: (ID(0.1) - ID(0)) / (ID(1) - ID(0))",
+         (wise[0.1] - wise[0.0]) / (wise[1.0] - wise[0.0]) if wise[1.0] != wise[0.0] else 0.0, ">=", 0.2, "0.33"),
+        ("3. fine-tuning budget: sum of lr, FT / pre-training", fine_tuning["budget"], "<=", 0.05, "0.004"),
         ("4. cosine of matrices, independent FTs", geometry["cos"]["matrices"], "between", [0.4, 0.6], "0.52"),
         ("4. t(vectors) - t(matrices), N = 2", geometry["t_pair"]["vectors"] - geometry["t_pair"]["matrices"], ">=", 0.15, ""),
         ("4. t(head) - t(matrices), N = 2", geometry["t_pair"]["head"] - geometry["t_pair"]["matrices"], ">=", 0.15, ""),
@@ -397,6 +414,11 @@ def regime(zs, ft, plateau_gain, wise_id, geometry, merges, test_images):
          - merges[0]["t_summary"]["matrices"]["mean"], ">", 0, "rising (App. F)"),
         ("6. test images per domain", test_images, ">=", 5000, "")]
     return [{"target": name, "value": float(value), "rule": [op, bound], "paper": paper} for name, value, op, bound, paper in rows]
+
+
+def lr_sum(lr, warmup, steps):
+    """Sum of train.py's learning rates over `steps` optimizer steps (warm-up, then cosine)."""
+    return sum(train.lr_at(step, lr, warmup, steps) for step in range(steps))
 
 
 def holds(value, rule):
@@ -414,15 +436,52 @@ def print_regime(targets, note="", quick=False):
     for r in targets:
         op, bound = r["rule"]
         rule = f"in [{bound[0]}, {bound[1]}]" if op == "between" else f"{op} {bound}"
-        paper = f"  (paper: {r['paper']})" if r["paper"] else ""
-        print(f"  {'holds' if holds(r['value'], r['rule']) else 'FAILS':6} {r['target']:48} {r['value']:8.3f}  {rule}{paper}")
+        paper = f"  (CLIP: {r['paper']})" if r["paper"] else ""
+        se = f" ({r['se']:.3f})" if "se" in r else ""  # the standard error over runs
+        print(f"  {'holds' if holds(r['value'], r['rule']) else 'FAILS':6} {r['target']:52} {r['value']:8.3f}{se}  "
+              f"{rule}{paper}")
+
+
+def predicted_gain(t, n, wise_id, averaging_gain):
+    """derivation.md §11: post-training Model Stock's ID gain over the uniform average, predicted
+    from vanilla FT's WiSE-FT line (best at alpha_1, rising from its end to there) and the gain
+    of averaging, for a merge of mean ratio t. Returns alpha_1, alpha_max (Eq. 18) and the gain
+    (Eq. 13); the gain is None where the line peaks at its end or the picture does not fit."""
+    cos = t / (n - (n - 1) * t)  # Eq. (3) solved for the cosine
+    alpha_1 = max(wise_id, key=wise_id.get)
+    rise, kr = wise_id[alpha_1] - wise_id[1.0], None
+    if rise > 0 and averaging_gain > 0:
+        g = averaging_gain / rise * (1 - alpha_1) ** 2
+        kr = g / ((1 - 1 / n) - g) if g < 1 - 1 / n else None  # Eq. (19)
+    if kr is None:  # no curvature to read: the sign from the noise-free limit alone
+        return {"alpha_1": alpha_1, "alpha_max": (1 + t) / 2, "gain": None, "cos": cos}
+    alpha_max = (1 + t) * (1 + kr / n) / (2 * (1 + kr))  # Eq. (18)
+    curvature = rise / ((1 + kr) * (1 - alpha_1) ** 2) * (1 + kr / n)  # K
+    beta = alpha_1 * (1 + kr) / (1 + kr / n)  # Eq. (16), (17)
+    return {"alpha_1": alpha_1, "alpha_max": alpha_max, "kappa_rho": kr, "cos": cos,
+            "gain": curvature * (1 - t) * (1 + t - 2 * beta)}  # Eq. (13)
+
+
+def print_prediction(p, measured, along_line):
+    """The predicted and the measured ID gain of post-training Model Stock over the average;
+    `along_line`: the part of it that moving the average to the merge's mean t gives."""
+    wins = p["alpha_1"] < p["alpha_max"]
+    size = f" by {p['gain']:+.1f}" if p["gain"] is not None else ""
+    print("\npost-training Model Stock against the uniform average, ID (derivation.md §11):")
+    print(f"  predicted: {'a gain' if wins else 'a loss'}{size} (vanilla FT's WiSE-FT line peaks at alpha "
+          f"{p['alpha_1']:g}, {'before' if wins else 'not before'} alpha_max {p['alpha_max']:.2f})")
+    print(f"  measured: {measured:+.1f} ({along_line:+.1f} from the average's line at the merge's mean t, "
+          f"{measured - along_line:+.1f} from mixing layer by layer)")
 
 
 # ---- 6. The report ----
 
-ROWS = {"zero-shot": 0, "vanilla FT": 1, "uniform average (2 FT)": 2, "Model Stock, post-training": 2,
-        "Model Stock, periodic": 2, "WiSE-FT (alpha 0.5)": 1}  # row: fine-tuning cost
-WISE_ALPHAS = (0.6, 0.7, 0.8, 0.9)  # along vanilla FT's WiSE-FT line, in distribution only
+ROWS = {"zero-shot": 0, "vanilla FT": 1, "uniform average (2 FT)": 2, "average at Model Stock's t": 2,
+        "Model Stock, post-training": 2, "Model Stock, periodic": 2, "WiSE-FT (alpha 0.5)": 1}  # row: cost
+# "average at Model Stock's t": the uniform average moved towards w0 by one ratio, the
+# post-training merge's parameter-weighted mean t. Model Stock differs from it only by mixing
+# layer by layer; from the plain average, by where the WiSE-FT line of the average peaks.
+WISE_ALPHAS = (0.1, 0.6, 0.7, 0.8, 0.9)  # along vanilla FT's WiSE-FT line, in distribution only
 
 
 def analogues():
@@ -454,6 +513,8 @@ def print_geometry(geometry, merges, n_models, held_out):
               f"angle std {g['angle_std_deg'][group]:.2f} deg, |d| std/mean {g['norm_cv'][group]:.3f}")
     print(f"  |d|^2 in running statistics: {100 * g['buffer_share']:.1f}% ({len(g['buffers'])} such tensors); "
           f"the center is the mean of {held_out} fine-tunes that no row uses")
+    print("  how far fine-tuning moves each group, |d| / |w0|: "
+          + ", ".join(f"{group} {g['moved'][group]:.3f}" for group in ("matrices", "vectors", "head")))
     print("t at each periodic merge (matrices / vectors / head): " + ", ".join(
         f"{m['t_summary']['matrices']['mean']:.2f}/{m['t_summary']['vectors']['mean']:.2f}/{m['t_summary']['head']['mean']:.2f}"
         for m in merges))
@@ -525,6 +586,12 @@ def summarize(paths):
              f"rerun demo.py for them", cli.USAGE)
 
 
+PAIRS = [("vanilla FT", "zero-shot"), ("Model Stock, periodic", "vanilla FT"),
+         ("Model Stock, post-training", "uniform average (2 FT)"),
+         ("average at Model Stock's t", "uniform average (2 FT)"),
+         ("Model Stock, post-training", "average at Model Stock's t"), ("WiSE-FT (alpha 0.5)", "vanilla FT")]
+
+
 def aggregate(runs):
     k = len(runs)
     columns = list(DOMAINS.values()) + ["Avg. shifts", "distance to center"]  # the JSON's keys
@@ -541,12 +608,27 @@ def aggregate(runs):
     for row in runs[0]["results"]:
         cells = [np.array([r["results"][row][c] for r in runs]) for c in columns[:-1]]
         print(f"  {row:28}" + " ".join(f"{(v.std(ddof=1) / math.sqrt(k)) if k > 1 else 0:5.2f}" for v in cells))
+    print("\npaired differences over the runs, mean (standard error): ID, Avg. shifts")
+    for a, b in PAIRS:
+        if a in runs[0]["results"] and b in runs[0]["results"]:
+            cells = [np.array([r["results"][a][c] - r["results"][b][c] for r in runs]) for c in ("ImageNet", "Avg. shifts")]
+            print(f"  {a} minus {b}: " + ", ".join(f"{v.mean():+.2f} ({v.std(ddof=1) / math.sqrt(k) if k > 1 else 0:.2f})"
+                                                  for v in cells))
     merges = np.array([[m["t_summary"][g]["mean"] for g in ("matrices", "vectors", "head")] for r in runs for m in r["merges"]])
     merges = merges.reshape(k, -1, 3).mean(0)
     print("\nmean t at each periodic merge (matrices / vectors / head): "
           + ", ".join(f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in merges))
-    targets = [dict(t, value=float(np.mean([r["regime"][i]["value"] for r in runs]))) for i, t in enumerate(runs[0]["regime"])]
+    values = [np.array([r["regime"][i]["value"] for r in runs]) for i in range(len(runs[0]["regime"]))]
+    targets = [dict(t, value=float(v.mean()), se=float(v.std(ddof=1) / math.sqrt(k)) if k > 1 else 0.0)
+               for t, v in zip(runs[0]["regime"], values)]
     print_regime(targets, note=f", mean over {k} runs")
+    if all("prediction" in r for r in runs):
+        print("\npost-training Model Stock minus the uniform average, ID (derivation.md §11), per run:")
+        for r in runs:
+            p = r["prediction"]
+            size = "" if p["gain"] is None else f" {p['gain']:+.1f}"
+            print(f"  seed {r['args']['seed']}: predicted {'gain' if p['alpha_1'] < p['alpha_max'] else 'loss'}{size} "
+                  f"(alpha_1 {p['alpha_1']:g}, alpha_max {p['alpha_max']:.2f}), measured {p['measured']:+.1f}")
     print("\nrun times: " + ", ".join(f"{r['seconds']:.0f} s" for r in runs))
     return {"runs": k, "regime": targets, "t_per_merge": merges.tolist()}
 
@@ -643,10 +725,12 @@ def main(argv=None):
     fts = [evaluate.read_checkpoint(ind / f"model_{i}.safetensors") for i in range(args.models)]
 
     # 3. The rows, each a state dict of one classifier, and vanilla FT's WiSE-FT line.
-    rows = {"zero-shot": w0, "vanilla FT": fts[0],
-            "uniform average (2 FT)": {k: (a + b) / 2 if a.is_floating_point() else a
-                                       for (k, a), b in zip(fts[0].items(), fts[1].values())},
-            "Model Stock, post-training": model_stock.merge(w0, fts[:2])[0],
+    average = {k: (a + b) / 2 if a.is_floating_point() else a for (k, a), b in zip(fts[0].items(), fts[1].values())}
+    merged, ts = model_stock.merge(w0, fts[:2])
+    t_mean = sum(t * w0[k].numel() for k, t in ts.items()) / sum(w0[k].numel() for k in ts)  # per parameter
+    rows = {"zero-shot": w0, "vanilla FT": fts[0], "uniform average (2 FT)": average,
+            "average at Model Stock's t": evaluate.wise_ft(w0, average, t_mean),
+            "Model Stock, post-training": merged,
             "Model Stock, periodic": evaluate.read_checkpoint(stock / "final.safetensors"),
             "WiSE-FT (alpha 0.5)": evaluate.wise_ft(w0, fts[0], 0.5)}
 
@@ -654,7 +738,9 @@ def main(argv=None):
     classifier, preprocess = evaluate.build_classifier(config.stem, str(weights), CLASSES, cache_dir=cache)
     sets = eval_sets(tests, preprocess)
     results = {}
-    with tqdm(total=len(rows) * len(sets) * test_images + len(WISE_ALPHAS) * test_images, desc="evaluating", unit="img") as bar:
+    held_out_photos = evaluate.image_folder(val_dir, preprocess)
+    total = (len(rows) * len(sets) + len(WISE_ALPHAS)) * test_images + len(held_out_photos.dataset)
+    with tqdm(total=total, desc="evaluating", unit="img") as bar:
         for name, state in rows.items():
             scores = score(classifier, state, sets, bar)
             shifts = [v for k, v in scores.items() if k != "ImageNet"]
@@ -663,6 +749,7 @@ def main(argv=None):
                    1.0: results["vanilla FT"]["ImageNet"]}
         for alpha in WISE_ALPHAS:
             wise_id[alpha] = score(classifier, evaluate.wise_ft(w0, fts[0], alpha), sets[:1], bar)["ImageNet"]
+        zero_shot_heldout = score(classifier, w0, [held_out_photos], bar)[held_out_photos.name]
     wise_id = dict(sorted(wise_id.items()))
 
     # 5. Geometry and the regime check: independent fine-tunes, the held-out center, the merge log.
@@ -673,18 +760,30 @@ def main(argv=None):
         results[name]["distance to center"] = (flat(state) - center).norm().item()
     merges = read_log(stock, "merge")
     id_by_epoch = [e["eval"][val_dir.name] for e in read_log(ind, "epoch")]
-    plateau_gain = id_by_epoch[-1] - id_by_epoch[-2]
-    targets = regime(results["zero-shot"], results["vanilla FT"], plateau_gain, wise_id, geometry, merges, test_images)
+    steps = args.epochs * (train_images // args.batch_size)  # train.py drops the last partial batch
+    budget = lr_sum(args.lr, args.warmup, steps) / lr_sum(PRETRAIN_LR, pretrain_steps // 10, pretrain_steps)
+    fine_tuning = {"id_by_epoch": id_by_epoch, "zero_shot_heldout": zero_shot_heldout, "budget": budget}
+    targets = regime(results["zero-shot"], results["vanilla FT"], fine_tuning, wise_id, geometry, merges, test_images)
+    prediction = predicted_gain(t_mean, 2, wise_id, results["uniform average (2 FT)"]["ImageNet"]
+                                - results["vanilla FT"]["ImageNet"])
+    post = {name: results[name]["ImageNet"] - results["uniform average (2 FT)"]["ImageNet"]
+            for name in ("Model Stock, post-training", "average at Model Stock's t")}
+    prediction.update(t_mean=t_mean, measured=post["Model Stock, post-training"],
+                      along_line=post["average at Model Stock's t"])
 
     # 6. The report.
     print_table(results, test_images)
     print_geometry(geometry, merges, args.models, len(held_out))
-    print(f"vanilla FT, ID on held-out photos by epoch: {' '.join(f'{a:.1f}' for a in id_by_epoch)}; "
-          f"along its WiSE-FT line: " + " ".join(f"{a:g}: {v:.1f}" for a, v in wise_id.items()))
+    print(f"vanilla FT, ID on held-out photos by epoch: {' '.join(f'{a:.1f}' for a in id_by_epoch)} "
+          f"(zero-shot: {zero_shot_heldout:.1f}); along its WiSE-FT line: "
+          + " ".join(f"{a:g}: {v:.1f}" for a, v in wise_id.items()))
+    print(f"fine-tuning's sum of learning rates over steps: {budget:.4f} of pre-training's")
+    print_prediction(prediction, prediction["measured"], prediction["along_line"])
     print_regime(targets, quick=args.quick)
     seconds = time.perf_counter() - start
     print(f"fine-tuning took {finetune_s:.0f} s; total {seconds:.0f} s")
     record = {"results": results, "regime": targets, "wise_ft_id": wise_id, "id_by_epoch": id_by_epoch,
+              "zero_shot_heldout": zero_shot_heldout, "budget": budget, "prediction": prediction,
               "merges": [{"step": m["step"], "epoch": m["epoch"], "t_summary": m["t_summary"]} for m in merges],
               "geometry": geometry, "test_images": test_images, "args": vars(args), "pretrained": str(weights),
               "seconds": seconds, "finetune_seconds": finetune_s, "code_version": evaluate.code_version()}
@@ -703,6 +802,7 @@ def save(record, output):
 
 
 PRETRAIN_STEPS, TRAIN_IMAGES, TEST_IMAGES = 2500, 2000, 5000
+PRETRAIN_LR = 2e-3  # pretrain()'s default
 
 if __name__ == "__main__":
     cli.run(main, "demo.py: interrupted; the pre-trained model, once written, stays cached")

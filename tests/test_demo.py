@@ -38,7 +38,7 @@ def test_quick_demo_runs_every_row_and_checks_the_regime(tmp_path, one_thread, c
     for r in rows.values():
         assert all(0 <= r[d] <= 100 for d in demo.DOMAINS.values())
         assert r["Avg. shifts"] == pytest.approx(sum(r[d] for d in list(demo.DOMAINS.values())[1:]) / 4)
-    assert [r["cost"] for r in rows.values()] == [0, 1, 2, 2, 2, 1]
+    assert [r["cost"] for r in rows.values()] == [0, 1, 2, 2, 2, 2, 1]
     # Fine-tuning moved the weights; averaging lands nearer the center than one fine-tune.
     # (Whether w0 is nearer than one fine-tune depends on their cosine: not a property of --quick.)
     assert rows["zero-shot"]["distance to center"] > 0 and rows["vanilla FT"]["distance to center"] > 0
@@ -49,9 +49,14 @@ def test_quick_demo_runs_every_row_and_checks_the_regime(tmp_path, one_thread, c
     assert len(record["merges"]) == record["args"]["epochs"]
     assert all(set(m["t_summary"]) == {"matrices", "vectors", "head"} for m in record["merges"])
     assert min(map(float, record["wise_ft_id"])) == 0 and max(map(float, record["wise_ft_id"])) == 1
-    assert [t["target"][0] for t in record["regime"]] == list("1222333334445556")
+    assert [t["target"][0] for t in record["regime"]] == list("12223333333334445556")
     # The pre-trained model is cached: exactly one weights file, reused by the next run.
     assert list((tmp_path / "cache").glob("pretrained_*.safetensors")) == [demo.Path(record["pretrained"])]
+    # derivation.md §11's prediction, beside the measured difference.
+    prediction = record["prediction"]
+    assert prediction["measured"] == pytest.approx(rows["Model Stock, post-training"]["ImageNet"]
+                                                   - rows["uniform average (2 FT)"]["ImageNet"])
+    assert "\npost-training Model Stock against the uniform average, ID (derivation.md §11):\n  predicted: " in out
 
 
 def test_summarize_aggregates_runs_and_refuses_bad_input(tmp_path, capsys):
@@ -151,3 +156,14 @@ def test_captions_that_say_the_same_thing_are_positives_whatever_their_template(
     positives = (target > 0).sum(1)
     assert positives.max() > 1 and positives.min() >= 1 and positives.max() < 64
     assert len({tuple(t.tolist()) for t in text}) > len({tuple(row.tolist()) for row in (target > 0)})
+
+
+def test_the_prediction_is_derivation_md_s_reading_of_the_miniature():
+    """derivation.md §11's table: the miniature's means give kappa rho 0.08, alpha_max 0.83 and a
+    predicted gain of -1.3 for post-training Model Stock over the uniform average."""
+    wise = {0.0: 50.0, 0.9: 63.84, 1.0: 63.5}  # the line best at 0.9, 0.34 above its end
+    p = demo.predicted_gain(2 * 0.568 / 1.568, 2, wise, averaging_gain=1.3)
+    assert (p["alpha_1"], round(p["kappa_rho"], 2), round(p["alpha_max"], 2), round(p["gain"], 1)) == \
+        (0.9, 0.08, 0.83, -1.3)
+    end = demo.predicted_gain(0.7, 2, {0.0: 50.0, 0.9: 60.0, 1.0: 61.0}, averaging_gain=1.0)
+    assert end["alpha_1"] == 1.0 and end["gain"] is None and end["alpha_max"] == pytest.approx(0.85)

@@ -50,9 +50,8 @@ def test_quick_demo_runs_every_row_and_checks_the_regime(tmp_path, one_thread, c
     assert all(set(m["t_summary"]) == {"matrices", "vectors", "head"} for m in record["merges"])
     assert min(map(float, record["wise_ft_id"])) == 0 and max(map(float, record["wise_ft_id"])) == 1
     assert [t["target"][0] for t in record["regime"]] == list("12223333333334445556")
-    # The pre-trained model is cached: exactly one weights file, reused by the next run.
-    assert list((tmp_path / "cache").glob("pretrained_*.safetensors")) == [demo.Path(record["pretrained"])]
-    # derivation.md §11's prediction, beside the measured difference.
+    # The committed pre-trained model, nothing pre-trained here; derivation.md §11's prediction.
+    assert record["pretrained"] == str(demo.WEIGHTS) and not list((tmp_path / "cache").glob("*clip.safetensors"))
     prediction = record["prediction"]
     assert prediction["measured"] == pytest.approx(rows["Model Stock, post-training"]["ImageNet"]
                                                    - rows["uniform average (2 FT)"]["ImageNet"])
@@ -167,3 +166,31 @@ def test_the_prediction_is_derivation_md_s_reading_of_the_miniature():
         (0.9, 0.08, 0.83, -1.3)
     end = demo.predicted_gain(0.7, 2, {0.0: 50.0, 0.9: 60.0, 1.0: 61.0}, averaging_gain=1.0)
     assert end["alpha_1"] == 1.0 and end["gain"] is None and end["alpha_max"] == pytest.approx(0.85)
+
+
+def test_the_committed_model_is_checked_by_its_hash(tmp_path, monkeypatch):
+    other = tmp_path / "miniature-clip.safetensors"
+    other.write_bytes(b"not the model")
+    monkeypatch.setattr(demo, "WEIGHTS", other)
+    with pytest.raises(SystemExit) as error:
+        demo.main(["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "demo.json")])
+    assert str(error.value) == (f"demo.py: error: {other} does not have the committed SHA-256 (damaged, or "
+                                f"replaced); restore it (git checkout {tmp_path.name}) or pass a model that "
+                                f"--pretrain wrote with --weights")
+    assert error.value.code == 1 and not (tmp_path / "demo.json").exists()
+    with pytest.raises(SystemExit) as error:
+        demo.main(["--weights", str(tmp_path / "none.safetensors"), "--output", str(tmp_path / "demo.json")])
+    assert error.value.code == 2 and str(error.value).startswith("demo.py: error: --weights ")
+
+
+def test_the_committed_model_has_the_committed_hash():
+    assert demo.sha256(demo.WEIGHTS) == demo.WEIGHTS_SHA256
+
+
+def test_pretraining_writes_the_same_bytes_twice(tmp_path, one_thread, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "PRETRAINING", {"steps": 3, "batch_size": 8, "lr": 2e-3, "pool": 2})
+    first = demo.main(["--pretrain", "--cache-dir", str(tmp_path / "a")])
+    second = demo.main(["--pretrain", "--cache-dir", str(tmp_path / "b")])
+    assert first.read_bytes() == second.read_bytes()
+    out = capsys.readouterr().out
+    assert f"SHA-256 {demo.sha256(first)}: not the committed model's" in out

@@ -172,6 +172,9 @@ def training_set(train_dir):
     """The image folder and its class names: ImageNet's for the 1000 wnids, else folder names.
     Labels follow evaluate.py's rule (sorted folders, hidden ones skipped), as do the names."""
     root = Path(train_dir).expanduser()
+    if not root.is_dir():
+        fail(f"--train-dir {root} {'is a file' if root.exists() else 'does not exist'}; expected a "
+             f"folder with one folder of images per class", cli.USAGE)
     try:
         names = evaluate.folder_classnames(root)
         folders = evaluate.class_folders(root)
@@ -262,10 +265,10 @@ def eval_sets(args, preprocess, classnames):
              f"or the datasets of docs/datasets.md", cli.USAGE)
     if args.eval_dir and evaluate.folder_classnames(args.eval_dir) != classnames:
         names = evaluate.folder_classnames(args.eval_dir)
-        other = next((a for a, b in zip(names, classnames) if a != b),
-                     names[len(classnames):][:1] or "")
-        fail(f"--eval-dir {args.eval_dir} has {len(names)} class folders, "
-             f"--train-dir {len(classnames)}, not the same (first difference: {other!r}); "
+        missing, extra = sorted(set(classnames) - set(names)), sorted(set(names) - set(classnames))
+        fail(f"--eval-dir {args.eval_dir} has {len(names)} class folders, --train-dir "
+             f"{len(classnames)}; {len(missing)} missing (first: {missing[0] if missing else '-'}), "
+             f"{len(extra)} not in the training set (first: {extra[0] if extra else '-'}); "
              f"expected the training classes' validation folder", cli.USAGE)
     if not args.eval_dir and classnames != list(open_clip.IMAGENET_CLASSNAMES):
         fail(f"--eval-every-epoch scores ImageNet's 1000 classes under --data-location, "

@@ -529,11 +529,15 @@ def print_table(rows, copied, n, max_rows=MAX_ROWS):
             print("  " + _summary(kind, [r for r in rows if r["kind"] == kind]))
 
 
-def warn_if_not_the_anchor(rows, pretrained):
+def warn_if_not_the_anchor(rows, pretrained, finetuned):
     """Fine-tunes of one pre-trained model move apart from it at acute angles (the paper's
     Observation 1: about 40-80 degrees); task vectors pointing apart in most matrices say the
     first argument is unlikely to be the model they started from. (The weights cannot always
     tell: a fine-tune listed first among its siblings can look like an anchor.)"""
+    for i, path in enumerate(finetuned):
+        if rows and all(r["norms"][i] == 0 for r in rows):
+            print(f"warning: ws[{i}], {path}, equals w0 in every floating tensor (|d| = 0), which pulls t "
+                  f"to 0: the merge is w0; expected fine-tuned models after the pre-trained one")
     matrices = [r for r in rows if len(r["shape"]) >= 2]
     apart = sum(r["cos"] < 0 for r in matrices)
     if matrices and apart > len(matrices) / 2:
@@ -611,6 +615,10 @@ def main(argv=None):
     if not args.inspect and not args.output:
         parser.error("give -o/--output, or --inspect to only print the table")
     output = None if args.inspect else args.output
+
+    def clashes(path):  # the input that writing `path` would replace or write into, even through a link
+        return next((p for p in [args.pretrained, *args.finetuned] if _overlaps(p, path) or _resolved(p) == path),
+                    None)
     target = json_target = None  # the paths that writing replaces, resolved once, checked and written
     if output:
         try:
@@ -628,7 +636,7 @@ def main(argv=None):
         if kind != "folder" and os.path.isdir(target):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
                          f"Hugging Face layout")
-        if os.path.lexists(target) and not args.force:  # "notes/" names a file notes too
+        if os.path.lexists(target) and not args.force and not clashes(target):  # "notes/" names a file too
             parser.error(f"{output} exists; pass --force to overwrite it")
         if kind == "folder" and os.path.lexists(target) and not os.path.isdir(target):
             parser.error(f"-o {output} is a file; expected a folder name for a Hugging Face layout, "
@@ -649,11 +657,10 @@ def main(argv=None):
         reason = cannot_write_in(parent)
         if reason:
             parser.error(f"--json {args.json}: cannot write in {parent} ({reason}); expected a writable folder")
-        if os.path.lexists(json_target) and not args.force:
+        if os.path.lexists(json_target) and not args.force and not clashes(json_target):
             parser.error(f"--json {args.json} exists; pass --force to overwrite it")
-    inputs = [args.pretrained, *args.finetuned]
     for flag, name, path in (("-o", output, target), ("--json", args.json, json_target)):
-        clash = path and next((p for p in inputs if _overlaps(p, path) or _resolved(p) == path), None)  # even a link
+        clash = path and clashes(path)
         if clash:
             parser.error(f"{flag} {name} would write over or inside the input {clash}; expected a path outside the inputs")
     if len(set(os.path.abspath(os.path.normpath(p)) for p in args.finetuned)) < len(args.finetuned):
@@ -679,7 +686,7 @@ def main(argv=None):
     # 3. The table, and what was written.
     copied = [k for k, (_, dtype) in w0.specs.items() if not dtype.is_floating_point]
     print_table(rows, copied, len(ws))
-    warn_if_not_the_anchor(rows, args.pretrained)
+    warn_if_not_the_anchor(rows, args.pretrained, args.finetuned)
     if args.json:
         record = {"pretrained": args.pretrained, "finetuned": args.finetuned, "tensors": rows, "copied": copied}
         try:

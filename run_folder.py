@@ -12,7 +12,8 @@ What it guarantees:
   RunFolder() only reads; claim() is the first write.
 - A run is continued only with --resume, with the same arguments (but MAY_CHANGE_ON_RESUME)
   and the same training images; replaced only with --overwrite; a folder holding files that
-  train.py did not write is never used.
+  train.py did not write is used only with --overwrite, which removes the run's own files and
+  leaves the others.
 - Every file is written whole or not at all (a temporary name, then a rename): after a kill
   at any point, --resume ends with the weights of an uninterrupted run, bit for bit.
 - A checkpoint with NaN or inf weights is never written over a good one.
@@ -237,6 +238,8 @@ def check_args(args, error):
             and not (args.merge_every.isdigit() and int(args.merge_every) > 0)):
         error(f"--merge-every must be 'epoch', 'never' or a positive number of steps, "
               f"got {args.merge_every!r}")
+    if args.eval_dir and not args.eval_every_epoch:
+        error(f"--eval-dir {args.eval_dir} is used by --eval-every-epoch; add it, or drop --eval-dir")
     if args.num_models == 1 and args.merge_every != "never":
         error("--num-models must be >= 2 to merge; "
               "vanilla fine-tuning is --num-models 1 --merge-every never")

@@ -222,15 +222,15 @@ def main(argv=None):
     # 2. The run's folder decides a fresh start or a resume. Nothing is written (nor an old
     #    run removed) until every check below has passed.
     run = run_folder.RunFolder(args, rank, world)
-    if rank == 0:  # one line; every argument goes to args.json
-        print(f"train.py: {args.num_models} x {args.model} on {world} x {device.type}, recipe "
-              f"{args.recipe}, {'resuming' if run.resume else 'writing'} {args.output_dir}")
 
     # 3. Data, and the batch arithmetic it must allow.
     folder, classnames = data.training_set(args.train_dir)
     train_set = data.fingerprint(folder)
     run.check_training_set(train_set)
     steps_per_epoch = data.steps_per_epoch(len(folder), args, world)
+    if rank == 0:  # one line; every argument goes to args.json
+        print(f"train.py: {args.num_models} x {args.model} on {world} x {device.type}, recipe "
+              f"{args.recipe}, {'resuming' if run.resume else 'writing'} {args.output_dir}")
     total_steps = args.epochs * steps_per_epoch
     merge_period = int(args.merge_every) if args.merge_every.isdigit() else \
         {"epoch": steps_per_epoch, "never": None}[args.merge_every]

@@ -51,9 +51,21 @@ def test_an_eval_dir_of_other_classes_is_refused(train_dir, tmp_path):
         shutil.copytree(train_dir / "class_0", val / name)
     code, line = failure(lambda: run(train_dir, tmp_path / "run", "--eval-every-epoch", "--eval-dir", str(val)))
     assert code == cli.USAGE
-    assert line == (f"train.py: error: --eval-dir {val} has 3 class folders, --train-dir 4, not the same (first "
-                    f"difference: 'class 9'); expected the training classes' validation folder")
+    assert line == (f"train.py: error: --eval-dir {val} has 3 class folders, --train-dir 4; 2 missing (first: "
+                    f"class 2), 1 not in the training set (first: class 9); expected the training classes' "
+                    f"validation folder")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_train_dir_that_is_a_file_or_missing_and_an_idle_eval_dir_are_refused(train_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    for path, what in ((tmp_path / "notes.txt", "is a file"), (tmp_path / "none", "does not exist")):
+        code, line = failure(lambda: run(path, tmp_path / "run"))
+        assert (code, line) == (cli.USAGE, f"train.py: error: --train-dir {path} {what}; expected a folder "
+                                           f"with one folder of images per class")
+    with pytest.raises(SystemExit) as e:
+        run(train_dir, tmp_path / "run", "--eval-dir", str(train_dir))
+    assert e.value.code == cli.USAGE and not (tmp_path / "run").exists()
 
 
 def test_imagenet_sets_for_a_run_of_other_classes_are_refused(train_dir, tmp_path, monkeypatch):
@@ -122,6 +134,14 @@ def test_an_anchor_that_the_task_vectors_point_away_from_is_warned_about(models,
     assert warning == [f"warning: in 2 of 2 matrices the task vectors point apart (cos < 0: t = 0, the layer stays "
                        f"at w0), which fine-tunes of one pre-trained model rarely do; check that the first argument, "
                        f"{middle}, is the model every fine-tune started from"]
+
+
+def test_the_pre_trained_model_given_as_a_fine_tune_is_warned_about(models, capsys):
+    paths, _, _ = models
+    merge_checkpoints.main([paths[0], paths[0], paths[1], "--inspect"])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: ws[0], {paths[0]}, equals w0 in every floating tensor (|d| = 0), which pulls t "
+                        f"to 0: the merge is w0; expected fine-tuned models after the pre-trained one"]
 
 
 def test_inputs_that_do_not_fit_are_a_mistake_in_the_command_nan_a_failure(models, tmp_path):

@@ -235,7 +235,8 @@ def test_bad_arguments(train_dir, tmp_path, capsys, extra, message):
 
 
 def test_bad_folders_and_existing_runs(train_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--train-dir .*nowhere.*expected one folder of images per class"):
+    with pytest.raises(SystemExit, match="--train-dir .*nowhere does not exist; expected a folder with one folder "
+                                         "of images per class"):
         run(tmp_path / "nowhere", tmp_path / "a")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="--train-dir .*empty.*expected one folder of images per class"):

@@ -96,8 +96,8 @@ BAD_INPUT = [
     (["--batch-size", "32"], "has 24 images, fewer than one batch of 32"),
     (["--batch-size", "5"], "mixup pairs images within a micro-batch; 5 per process is odd"),
     (["--accum-steps", "3"], "--batch-size 8 is not divisible by 1 processes x 3 accumulation steps"),
-    (lambda root: ["--train-dir", str(root.parent / "nowhere")], "--train-dir {data}/nowhere: expected one folder "
-                                                                  "of images per class, found none"),
+    (lambda root: ["--train-dir", str(root.parent / "nowhere")], "--train-dir {data}/nowhere does not exist; "
+                                                                  "expected a folder with one folder of images per class"),
     (flat, "--train-dir {data}/flat: expected one folder of images per class, found files (0.png, ...) but no folders"),
     (one_class, "--train-dir {data}/one has one class folder (class_0); expected one folder of images per class, at "
                 "least 2 classes"),

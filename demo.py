@@ -420,14 +420,13 @@ def shell(w0, fts, parameter_keys):
 
 # ---- 5. The regime check: is the setting CLIP-on-ImageNet-like? (never a merge row) ----
 
-def regime(zs, ft, fine_tuning, wise_id, geometry, merges, test_images):
+def regime(zs, ft, fine_tuning, wise, geometry, merges, test_images):
     """Each target: its value, the rule it must meet, CLIP's figure where there is one.
     `fine_tuning` holds vanilla FT's held-out ID by epoch, the zero-shot model's on the same
     photos, and the budget (sum of lr over fine-tuning steps / over pre-training steps)."""
     shifts = list(DOMAINS.values())[1:]
     hardest = min(shifts, key=zs.get)
     by_epoch = fine_tuning["id_by_epoch"]
-    wise = wise_id
     rows = [
         ("1. share of |d|^2 in running statistics", geometry["buffer_share"], "==", 0, "0 (ViT: LayerNorm only)"),
         ("2. zero-shot: worst domain / chance", min(zs[d] for d in DOMAINS.values()) / (100 / len(SHAPES)), ">=", 2, ""),
@@ -502,9 +501,10 @@ def predicted_gain(t, n, wise_id, averaging_gain):
             "gain": curvature * (1 - t) * (1 + t - 2 * beta)}  # Eq. (13)
 
 
-def print_prediction(p, measured, along_line):
-    """The predicted and the measured ID gain of post-training Model Stock over the average;
-    `along_line`: the part of it that moving the average to the merge's mean t gives."""
+def print_prediction(p):
+    """predicted_gain's prediction beside the measured ID gain of post-training Model Stock over
+    the average, and `along_line`, the part of it that moving the average to the mean t gives."""
+    measured, along_line = p["measured"], p["along_line"]
     wins = p["alpha_1"] < p["alpha_max"]
     size = f" by {p['gain']:+.1f}" if p["gain"] is not None else ""
     print("\npost-training Model Stock against the uniform average, ID (derivation.md §11):")
@@ -715,9 +715,7 @@ def check(args, train_images):
         (not parent.is_dir(), f"--output {args.output}: no folder {parent}"),
         (output.is_dir(), f"--output {args.output} is a folder; expected a file name such as demo.json")]
     problem = next((message for broken, message in rules if broken), None)
-    reason = problem is None and merge_checkpoints.cannot_write_in(parent)
-    if reason:
-        problem = f"--output {args.output}: cannot write in {parent} ({reason}); expected a writable folder"
+    problem = problem or merge_checkpoints.unwritable(f"--output {args.output}", parent)
     if problem:
         fail(problem, cli.USAGE)
 
@@ -824,7 +822,7 @@ def main(argv=None):
           f"(zero-shot: {zero_shot_heldout:.1f}); along its WiSE-FT line: "
           + " ".join(f"{a:g}: {v:.1f}" for a, v in wise_id.items()))
     print(f"fine-tuning's sum of learning rates over steps: {budget:.4f} of pre-training's")
-    print_prediction(prediction, prediction["measured"], prediction["along_line"])
+    print_prediction(prediction)
     print_regime(targets, quick=args.quick)
     seconds = time.perf_counter() - start
     print(f"fine-tuning took {finetune_s:.0f} s; total {seconds:.0f} s")

@@ -597,10 +597,9 @@ def check_paths(args):
         fail(f"--output {args.output}: its folder does not exist", cli.USAGE)
     if output.is_dir():
         fail(f"--output {args.output} is a folder; expected a file name ending in .json", cli.USAGE)
-    reason = merge_checkpoints.cannot_write_in(parent)
-    if reason:
-        fail(f"--output {args.output}: cannot write in {parent} ({reason}); expected a writable folder",
-             cli.USAGE)
+    problem = merge_checkpoints.unwritable(f"--output {args.output}", parent)
+    if problem:
+        fail(problem, cli.USAGE)
     if args.data_dir and not Path(args.data_dir).is_dir():
         fail(f"--data-dir {args.data_dir} is not a folder; expected one folder of images per class",
              cli.USAGE)

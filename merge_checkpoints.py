@@ -315,6 +315,13 @@ def cannot_write_in(folder):
     return None
 
 
+def unwritable(what, folder):
+    """The one-line complaint `what: cannot write in folder (reason); ...` if no file can be
+    created in `folder`, else None: every script's check of its output folders."""
+    reason = cannot_write_in(folder)
+    return reason and f"{what}: cannot write in {folder} ({reason}); expected a writable folder"
+
+
 def write_results(path, text):
     """Writes the text `text` to `path` atomically; if that fails, to a new file in the
     temporary folder, so that results are never lost. Returns None, or a line saying where
@@ -629,9 +636,9 @@ def main(argv=None):
         parent = os.path.dirname(target)
         if not os.path.isdir(parent):
             parser.error(f"-o {output}: its parent folder does not exist")
-        reason = cannot_write_in(parent)
-        if reason:
-            parser.error(f"-o {output}: cannot write in {parent} ({reason}); expected a writable folder")
+        problem = unwritable(f"-o {output}", parent)
+        if problem:
+            parser.error(problem)
         _remove_stale_temporaries(parent, os.path.basename(target))  # first: it may put a folder back
         if kind != "folder" and os.path.isdir(target):
             parser.error(f"-o {output} is a folder; expected a file name, or a folder name for a "
@@ -654,9 +661,9 @@ def main(argv=None):
             parser.error(f"--json {args.json}: its parent folder does not exist")
         if os.path.isdir(json_target):
             parser.error(f"--json {args.json} is a folder; expected a file name")
-        reason = cannot_write_in(parent)
-        if reason:
-            parser.error(f"--json {args.json}: cannot write in {parent} ({reason}); expected a writable folder")
+        problem = unwritable(f"--json {args.json}", parent)
+        if problem:
+            parser.error(problem)
         if os.path.lexists(json_target) and not args.force and not clashes(json_target):
             parser.error(f"--json {args.json} exists; pass --force to overwrite it")
     for flag, name, path in (("-o", output, target), ("--json", args.json, json_target)):

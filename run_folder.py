@@ -281,10 +281,9 @@ def plan_output(args, out):
     if out.exists() and not out.is_dir():
         fail(f"--output-dir {out} is a file; expected a folder", cli.USAGE)
     existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
-    reason = merge_checkpoints.cannot_write_in(existing)
-    if reason:
-        fail(f"--output-dir {out}: cannot write in {existing} ({reason}); "
-             f"expected a writable folder", cli.USAGE)
+    problem = merge_checkpoints.unwritable(f"--output-dir {out}", existing)
+    if problem:
+        fail(problem, cli.USAGE)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     foreign = [n for n in names if not is_run_file(n)]
     if foreign and not args.overwrite:

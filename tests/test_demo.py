@@ -194,3 +194,49 @@ def test_pretraining_writes_the_same_bytes_twice(tmp_path, one_thread, monkeypat
     assert first.read_bytes() == second.read_bytes()
     out = capsys.readouterr().out
     assert f"SHA-256 {demo.sha256(first)}: not the committed model's" in out
+
+
+def test_a_fine_tuning_run_that_fails_stops_the_demo_with_its_line(tmp_path):
+    # The runs go on in processes of their own: train.py's error reaches the demo's one line.
+    config = demo.clip_config(tmp_path / "config.json")
+    run = (tmp_path / "run", tmp_path / "no_photos", config, demo.WEIGHTS, tmp_path, demo.parse_args([]), [])
+    with pytest.raises(demo.cli.Exit) as stopped:
+        demo.finetune_at_once([run], epochs=2)
+    assert stopped.value.code == demo.cli.FAILURE
+    assert str(stopped.value) == (f"demo.py: error: fine-tuning {tmp_path / 'run'} stopped: train.py: error: "
+                                  f"--train-dir {tmp_path / 'no_photos'} does not exist; expected a folder with "
+                                  f"one folder of images per class; its output is in {tmp_path / 'run.out'}")
+
+
+def test_ctrl_c_stops_the_runs_it_started(tmp_path):
+    # Ctrl-C reaching demo.py alone (kill -INT): exit 130 and one line, and none of the fine-tuning
+    # processes it started outlives it.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    root = Path(demo.__file__).parent
+    command = [sys.executable, str(root / "demo.py"), "--quick", "--cache-dir", str(tmp_path), "--output",
+               str(tmp_path / "demo.json")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("work_seed0_quick/*.out")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "demo.py: interrupted; the pre-trained model, once written, stays cached"
+    assert "Traceback" not in err and "Warning" not in err  # the runs stopped quietly, leaking nothing
+    deadline = time.time() + 10  # nothing left in its process group a moment later
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)

@@ -19,9 +19,11 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -342,24 +344,35 @@ def finetune(run_dir, train_dir, config, weights, cache_dir, args, extra, first=
     models 2 and 3 trains what models 2 and 3 of a four-model run would. The recipe is train.py's
     `stock` but for the learning rate, the epochs, the batch, no mixup, and horizontal flips (a
     mirrored shape is the same shape). Exits with train.py's status, its error last in the .out
-    file; stopped by demo.py (SIGTERM), with 130."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(cli.INTERRUPTED))  # demo.py stops us: exit cleanly
+    file; with 130 when demo.py stops it (SIGTERM) or is gone."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(cli.INTERRUPTED))  # stopped: exit cleanly
+    parent = os.getppid()
+
+    def orphaned():  # demo.py was killed (kill -9): stop too
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=orphaned, daemon=True).start()
+    tqdm.set_lock(threading.RLock())  # not multiprocessing's: a killed run would leak its semaphore
     torch.set_num_threads(1)
     argv = ["--train-dir", str(train_dir), "--output-dir", str(run_dir), "--model", str(config),
             "--pretrained", str(weights), "--lr", str(args.lr), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--workers", "0",
-            "--cache-dir", str(cache_dir), "--seed", str(args.seed * 100 + first), "--mixup", "0", "--flip", "0.5",
-            "--overwrite", *extra]
-    with open(f"{run_dir}.out", "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            train.main(argv)
-        except cli.Exit as e:  # train.py's one line, last in the .out file
-            print(e)
-            raise SystemExit(e.code)
-        except Exception as e:  # a bug: its traceback in the .out file, then one line
-            traceback.print_exc()
-            print(f"{type(e).__name__}: {e}")
-            raise SystemExit(cli.FAILURE)
+            "--cache-dir", str(cache_dir), "--seed", str(args.seed * 100 + first), "--mixup", "0",
+            "--flip", "0.5", "--overwrite", *extra]
+    try:
+        with open(f"{run_dir}.out", "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                train.main(argv)
+            except cli.Exit as e:  # train.py's one line, last in the .out file
+                print(e)
+                raise SystemExit(e.code)
+            except Exception as e:  # a bug: its traceback in the .out file, then one line
+                traceback.print_exc()
+                print(f"{type(e).__name__}: {e}")
+                raise SystemExit(cli.FAILURE)
+    except OSError:  # the .out file itself failed (a full disk): demo.py reports the run stopped
+        os._exit(cli.FAILURE)
 
 
 def finetune_at_once(runs, epochs):
@@ -367,7 +380,13 @@ def finetune_at_once(runs, epochs):
     On 2 cores, three one-thread runs side by side take about 0.6 of the time of the same runs
     one after another on two threads (two threads spin on each other's small kernels), and on one
     thread a run's numbers do not depend on the machine's core count. The bar counts epochs, read
-    off each run's log."""
+    off each run's log. The first run to fail stops the others, as do Ctrl-C and SIGTERM."""
+    for run in runs:
+        out = Path(f"{run[0]}.out")
+        try:
+            out.write_text("")
+        except OSError as e:
+            fail(f"cannot write {out} ({e.strerror}); expected a writable --work-dir", cli.FAILURE)
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=finetune, args=run) for run in runs]
     start = time.time()
@@ -377,34 +396,41 @@ def finetune_at_once(runs, epochs):
         if not log.is_file() or log.stat().st_mtime < start:  # a previous run's, to be replaced
             return 0
         return log.read_text().count('"event": "epoch"')
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: Ctrl-C is ours to handle
+    term = signal.signal(signal.SIGTERM, interrupted)
     try:
-        ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: Ctrl-C is ours to handle
         try:
             for process in processes:
                 process.start()
+        except OSError as e:
+            fail(f"cannot start the fine-tuning runs ({e})", cli.FAILURE)
         finally:
             signal.signal(signal.SIGINT, ctrl_c)
         with tqdm(total=len(runs) * epochs, desc=f"fine-tuning: {len(runs)} runs at once", unit="epoch") as bar:
-            while any(process.is_alive() for process in processes):
+            while any(p.is_alive() for p in processes) and not any(p.exitcode for p in processes):
                 time.sleep(1)
-                bar.update(sum(epochs_done(run[0]) for run in runs) - bar.n)
-    finally:  # Ctrl-C or an error here: no run goes on without us
+                bar.update(max(0, sum(epochs_done(run[0]) for run in runs) - bar.n))
+        failed = [(run, p.exitcode) for run, p in zip(runs, processes) if p.exitcode]  # before we stop any
+    finally:  # a failure, Ctrl-C or SIGTERM: no run goes on without us
+        signal.signal(signal.SIGTERM, term)
         for process in processes:
             if process.is_alive():
                 process.terminate()
         for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    for run, process in zip(runs, processes):
-        if process.exitcode:
-            out = Path(f"{run[0]}.out")
-            lines = out.read_text().replace("\r", "\n").split("\n") if out.is_file() else []
-            last = [line.strip() for line in lines if line.strip()][-1:] or [f"exit status {process.exitcode}"]
-            why = (f"killed by signal {-process.exitcode}" if process.exitcode < 0 else
-                   "interrupted" if process.exitcode == cli.INTERRUPTED else last[0])
-            fail(f"fine-tuning {run[0]} stopped: {why}; its output is in {out}", cli.FAILURE)
+            if process.pid is not None:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+    for run, code in failed[:1]:
+        out = Path(f"{run[0]}.out")
+        lines = out.read_text().replace("\r", "\n").split("\n") if out.is_file() else []
+        last = [line.strip() for line in lines if line.strip()][-1:] or [f"exit status {code}"]
+        why = (f"killed by signal {-code}" if code < 0 else "interrupted" if code == cli.INTERRUPTED else last[0])
+        fail(f"fine-tuning {run[0]} stopped: {why}; its output is in {out}", cli.FAILURE)
 
 
 def read_log(run_dir, event):
@@ -782,6 +808,9 @@ def check(args, train_images):
 
 
 def main(argv=None):
+    """demo.py with the flags `argv`. Its fine-tuning runs are processes started by
+    multiprocessing's spawn, which imports the caller's script again: a script that calls
+    main() does so under `if __name__ == "__main__":`."""
     args = parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)

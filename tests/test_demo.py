@@ -1,6 +1,13 @@
 """demo.py: the mechanics of the miniature (not its outcome) in well under a minute, the world
 it renders, and its command line."""
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,15 +215,23 @@ def test_a_fine_tuning_run_that_fails_stops_the_demo_with_its_line(tmp_path):
                                   f"one folder of images per class; its output is in {tmp_path / 'run.out'}")
 
 
+def test_the_first_run_to_fail_stops_the_others(tmp_path):
+    config = demo.clip_config(tmp_path / "config.json")
+    images, labels = demo.render_set("photo", 64, seed=1)
+    photos = demo.write_folder(tmp_path / "photos", images, labels)
+    args = demo.parse_args(["--epochs", "200", "--batch-size", "8"])  # minutes, if nothing stopped it
+    (tmp_path / "taken").write_text("a file where the run's folder would go")
+    runs = [(tmp_path / "long", photos, config, demo.WEIGHTS, tmp_path, args, ["--num-models", "2"]),
+            (tmp_path / "taken", photos, config, demo.WEIGHTS, tmp_path, args, [])]
+    with pytest.raises(demo.cli.Exit) as stopped:
+        demo.finetune_at_once(runs, args.epochs)
+    assert f"fine-tuning {tmp_path / 'taken'} stopped: train.py: error: --output-dir" in str(stopped.value)
+    assert multiprocessing.active_children() == [] and not (tmp_path / "long" / "model_0.safetensors").exists()
+
+
 def test_ctrl_c_stops_the_runs_it_started(tmp_path):
     # Ctrl-C reaching demo.py alone (kill -INT): exit 130 and one line, and none of the fine-tuning
     # processes it started outlives it.
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
     root = Path(demo.__file__).parent
     command = [sys.executable, str(root / "demo.py"), "--quick", "--cache-dir", str(tmp_path), "--output",
                str(tmp_path / "demo.json")]

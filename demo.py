@@ -807,6 +807,20 @@ def check(args, train_images):
         fail(problem, cli.USAGE)
 
 
+def writable_folder(flag, folder):
+    """The folder `folder` (given as `flag`), made if missing; one line and exit 2 if nothing can
+    be written in it."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        reason = merge_checkpoints.cannot_write_in(path)
+    except OSError as e:
+        reason = (e.strerror or type(e).__name__).lower()
+    if reason:
+        fail(f"{flag} {folder}: cannot write in {path} ({reason}); expected a writable folder", cli.USAGE)
+    return path
+
+
 def main(argv=None):
     """demo.py with the flags `argv`. Its fine-tuning runs are processes started by
     multiprocessing's spawn, which imports the caller's script again: a script that calls
@@ -820,19 +834,12 @@ def main(argv=None):
     check(args, train_images)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
-    cache = Path(args.cache_dir).expanduser()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        reason = merge_checkpoints.cannot_write_in(cache)
-    except OSError as e:
-        reason = e.strerror.lower()
-    if reason:
-        fail(f"--cache-dir {args.cache_dir}: cannot write in {cache} ({reason}); expected a writable folder",
-             cli.USAGE)
+    cache = writable_folder("--cache-dir", args.cache_dir)
     if args.pretrain:
         return rebuild(cache)
     weights = pretrained_weights(args)
-    work = Path(args.work_dir or cache / f"work_seed{args.seed}{'_quick' if args.quick else ''}")
+    default_work = cache / f"work_seed{args.seed}{'_quick' if args.quick else ''}"
+    work = writable_folder("--work-dir", args.work_dir or default_work)
 
     # 1. The CLIP analogue, then the world: photos to fine-tune on, photos to watch the plateau
     #    on, and the five test domains.

@@ -241,14 +241,14 @@ def test_ctrl_c_stops_the_runs_it_started(tmp_path):
     # Ctrl-C reaching demo.py alone (kill -INT): exit 130 and one line, and none of the fine-tuning
     # processes it started outlives it.
     root = Path(demo.__file__).parent
-    command = [sys.executable, str(root / "demo.py"), "--quick", "--cache-dir", str(tmp_path), "--output",
-               str(tmp_path / "demo.json")]
+    command = [sys.executable, str(root / "demo.py"), "--quick", "--batch-size", "2", "--cache-dir", str(tmp_path),
+               "--output", str(tmp_path / "demo.json")]  # batch 2: 64 steps an epoch, time to interrupt them
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while not list(tmp_path.glob("work_seed0_quick/*.out")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1)
+    while not list(tmp_path.glob("work_seed0_quick/*/log.jsonl")) and time.time() < deadline:
+        time.sleep(0.1)  # a run is training
+    time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130

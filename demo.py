@@ -808,16 +808,16 @@ def check(args, train_images):
 
 
 def writable_folder(flag, folder):
-    """The folder `folder` (given as `flag`), made if missing; one line and exit 2 if nothing can
-    be written in it."""
+    """The folder `folder` (given as `flag`), made if missing once the nearest folder that exists
+    on its path has passed every script's output check: else one line, exit 2, nothing made."""
     path = Path(folder).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        reason = merge_checkpoints.cannot_write_in(path)
-    except OSError as e:
-        reason = (e.strerror or type(e).__name__).lower()
-    if reason:
-        fail(f"{flag} {folder}: cannot write in {path} ({reason}); expected a writable folder", cli.USAGE)
+    if path.exists() and not path.is_dir():
+        fail(f"{flag} {folder} is a file; expected a folder", cli.USAGE)
+    existing = next(p for p in [path.absolute(), *path.absolute().parents] if p.exists())
+    problem = merge_checkpoints.unwritable(f"{flag} {folder}", existing)
+    if problem:
+        fail(problem, cli.USAGE)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

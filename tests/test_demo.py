@@ -121,7 +121,7 @@ def test_an_unwritable_work_dir_is_one_line_exit_2_before_any_work(tmp_path):
     with pytest.raises(SystemExit) as error:  # /sys: not writable, even by root
         demo.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--work-dir", "/sys/demo_work",
                    "--output", str(tmp_path / "demo.json")])
-    assert str(error.value).startswith("demo.py: error: --work-dir /sys/demo_work: cannot write in /sys/demo_work (")
+    assert str(error.value).startswith("demo.py: error: --work-dir /sys/demo_work: cannot write in /sys (")
     assert error.value.code == 2 and not (tmp_path / "demo.json").exists()
 
 

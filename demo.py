@@ -808,13 +808,10 @@ def check(args, train_images):
 
 
 def writable_folder(flag, folder):
-    """The folder `folder` (given as `flag`), made if missing once the nearest folder that exists
-    on its path has passed every script's output check: else one line, exit 2, nothing made."""
+    """The folder `folder` (given as `flag`), made if missing once it has passed every script's
+    output-folder check: else one line, exit 2, nothing made."""
     path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
-        fail(f"{flag} {folder} is a file; expected a folder", cli.USAGE)
-    existing = next(p for p in [path.absolute(), *path.absolute().parents] if p.exists())
-    problem = merge_checkpoints.unwritable(f"{flag} {folder}", existing)
+    problem = merge_checkpoints.unwritable_folder(f"{flag} {folder}", path)
     if problem:
         fail(problem, cli.USAGE)
     path.mkdir(parents=True, exist_ok=True)

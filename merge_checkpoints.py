@@ -322,6 +322,15 @@ def unwritable(what, folder):
     return reason and f"{what}: cannot write in {folder} ({reason}); expected a writable folder"
 
 
+def unwritable_folder(what, folder):
+    """The one-line complaint if `folder` cannot be an output folder (it is a file, or the nearest
+    folder on its path that exists fails unwritable), else None; makes nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"{what} is a file; expected a folder"
+    return unwritable(what, next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists()))
+
+
 def write_results(path, text):
     """Writes the text `text` to `path` atomically; if that fails, to a new file in the
     temporary folder, so that results are never lost. Returns None, or a line saying where

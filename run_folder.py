@@ -278,10 +278,7 @@ def plan_output(args, out):
     result (a launch that failed a check, or was killed early) is reused without --overwrite.
     """
     fresh = {"resume": False, "checkpoint": False, "saved": None}
-    if out.exists() and not out.is_dir():
-        fail(f"--output-dir {out} is a file; expected a folder", cli.USAGE)
-    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
-    problem = merge_checkpoints.unwritable(f"--output-dir {out}", existing)
+    problem = merge_checkpoints.unwritable_folder(f"--output-dir {out}", out)
     if problem:
         fail(problem, cli.USAGE)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
